@@ -1,0 +1,33 @@
+"""Install r4b_fast. See README.md for the two quick-start commands.
+
+The repository keeps Triton kernels, CUDA sources and training loops at the top level (DESIGN.md);
+package_dir maps them into the installed package so users write `r4b_fast.kernels`, `r4b_fast.training`.
+"""
+
+from setuptools import setup
+
+setup(
+    name="r4b_fast",
+    version="0.1.0",
+    description="Fused Triton/CUDA kernels and a lean trainer for R-4B bi-mode annealing and BPO",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["r4b_fast", "r4b_fast.ops", "r4b_fast.kernels", "r4b_fast.training", "r4b_fast.csrc"],
+    package_dir={
+        "r4b_fast": "r4b_fast",
+        "r4b_fast.kernels": "kernels",
+        "r4b_fast.training": "training",
+        "r4b_fast.csrc": "csrc",
+    },
+    package_data={"r4b_fast.csrc": ["*.cu", "*.cuh"]},
+    # torch is pinned only in the README's install command (CPU wheel from local disk); a range here
+    # lets GPU users keep the CUDA build they already have.
+    install_requires=["torch>=2.6", "triton>=3.2", "transformers>=4.51", "datasets>=3.0", "filelock", "numpy"],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=5", "hypothesis>=6.100", "ruff>=0.8"],
+        "flash-attn": ["flash-attn>=2.6"],
+        "xformers": ["xformers>=0.0.28"],
+        "liger": ["liger-kernel>=0.5"],
+    },
+)
