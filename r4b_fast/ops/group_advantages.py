@@ -153,47 +153,66 @@ def batch_std(rewards: torch.Tensor, valid: torch.Tensor, unbiased: bool) -> tor
     return torch.where(n > 1, (m2 / denom.clamp_min(1)).sqrt(), 0).reshape(1)
 
 
+class _Segments:
+    """Per-group reductions: a [G, S] view for fixed contiguous groups (cheapest), index ops for ragged ones."""
+
+    def __init__(self, group_index: torch.Tensor | None, num_groups: int, group_size: int, device: torch.device):
+        self.index, self.G, self.S, self.device = group_index, num_groups, group_size, device
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:  # [N, ...] -> [G, ...]
+        if self.index is None:
+            return x.view(self.G, self.S, *x.shape[1:]).sum(1)
+        return x.new_zeros(self.G, *x.shape[1:]).index_add_(0, self.index, x)
+
+    def reduce(self, x: torch.Tensor, how: str, init: float) -> torch.Tensor:  # "amax" / "amin"
+        if self.index is None:
+            return x.view(self.G, self.S).amax(1) if how == "amax" else x.view(self.G, self.S).amin(1)
+        return x.new_full((self.G,), init).scatter_reduce_(0, self.index, x, how)
+
+    def group_ids(self) -> torch.Tensor:  # [N] int64
+        if self.index is None:
+            return torch.arange(self.G * self.S, device=self.device) // self.S
+        return self.index
+
+    def expand(self, per_group: torch.Tensor) -> torch.Tensor:  # [G] -> [N]
+        if self.index is None:
+            return per_group.repeat_interleave(self.S)
+        return per_group[self.index]
+
+
 def _group_advantages_torch(
     rewards, group_index, modes, num_groups, group_size, estimator, scale, unbiased, eps
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    cdt = COMPUTE_DTYPE
-    r = rewards.to(cdt)
-    n_total = r.numel()
-    if group_index is None:
-        group_index = torch.arange(n_total, device=r.device) // group_size
-    G = num_groups
+    seg = _Segments(group_index, num_groups, group_size, rewards.device)
+    r = rewards.to(COMPUTE_DTYPE)
     valid = torch.isfinite(r)
-    w = valid.to(cdt)
+    w = valid.to(COMPUTE_DTYPE)
     rv = torch.where(valid, r, 0)
-    count = r.new_zeros(G).index_add_(0, group_index, w)
-    mean = r.new_zeros(G).index_add_(0, group_index, rv) / count.clamp_min(1)
-    dev = torch.where(valid, rv - mean[group_index], 0)  # second pass: no E[x^2] - E[x]^2 cancellation
-    m2 = r.new_zeros(G).index_add_(0, group_index, dev * dev)
-    denom = (count - 1) if unbiased else count
-    std = torch.where(count > 1, (m2 / denom.clamp_min(1)).sqrt(), 0)
-    inf = torch.tensor(float("inf"), dtype=cdt, device=r.device)
-    gmax = torch.full((G,), -inf, dtype=cdt, device=r.device).scatter_reduce_(
-        0, group_index, torch.where(valid, r, -inf), "amax"
+    count = seg.sum(w)
+    mean = seg.sum(rv) / count.clamp_min(1)
+    dev = torch.where(valid, rv - seg.expand(mean), 0)  # second pass: no E[x^2] - E[x]^2 cancellation
+    m2 = seg.sum(dev * dev)
+    std = torch.where(count > 1, (m2 / (count - 1 if unbiased else count).clamp_min(1)).sqrt(), 0)
+    inf = float("inf")
+    signal = (count >= 2) & (
+        seg.reduce(torch.where(valid, r, -inf), "amax", -inf) > seg.reduce(torch.where(valid, r, inf), "amin", inf)
     )
-    gmin = torch.full((G,), inf, dtype=cdt, device=r.device).scatter_reduce_(
-        0, group_index, torch.where(valid, r, inf), "amin"
-    )
-    signal = (count >= 2) & (gmax > gmin)
-    adv = dev
-    if estimator == "rloo":  # r_i - mean(others) = n/(n-1) (r_i - mean): no (sum - r_i) cancellation
-        adv = adv * (count / (count - 1).clamp_min(1))[group_index]
+    factor = count / (count - 1).clamp_min(1) if estimator == "rloo" else torch.ones_like(count)
+    # r_i - mean(others) = n/(n-1) (r_i - mean): RLOO without the (sum - r_i) cancellation
     if scale == "group":
-        adv = adv / (std + eps)[group_index]
+        factor = factor / (std + eps)
     elif scale == "batch":
-        adv = adv / (batch_std(r, valid, unbiased) + eps)
-    adv = torch.where(valid & signal[group_index], adv, 0)
-    stats = torch.zeros(G, NUM_STATS, dtype=cdt, device=r.device)
-    stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3] = count, mean, std, (~signal).to(cdt)
-    if modes is not None:
-        slot = group_index * NUM_MODES + modes
-        stats[:, 4 : 4 + NUM_MODES] = r.new_zeros(G * NUM_MODES).index_add_(0, slot, w).view(G, NUM_MODES)
-        stats[:, 4 + NUM_MODES :] = r.new_zeros(G * NUM_MODES).index_add_(0, slot, rv).view(G, NUM_MODES)
-    return adv.to(_output_dtype(rewards.dtype)), stats
+        factor = factor / (batch_std(r, valid, unbiased) + eps)
+    factor = torch.where(signal, factor, 0)  # select, not multiply: std + eps may be 0 in a zero-signal group
+    adv = dev * seg.expand(factor)
+    columns = [torch.stack([count, mean, std, (~signal).to(COMPUTE_DTYPE)], 1)]
+    if modes is not None:  # per (group, mode) slot: a weighted bincount, no [N, modes] one-hot
+        slot = seg.group_ids() * NUM_MODES + modes
+        size = num_groups * NUM_MODES
+        columns += [torch.bincount(slot, weights, size).view(-1, NUM_MODES) for weights in (w, rv)]
+    else:
+        columns.append(r.new_zeros(num_groups, 2 * NUM_MODES))
+    return adv.to(_output_dtype(rewards.dtype)), torch.cat(columns, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,28 +282,29 @@ def _launch_group_advantages_cuda(r, modes, layout, num_groups, rloo, scale_code
 # ----------------------------------------------------------------------------------------------------------------
 def _check_values(rewards, group_index, modes, num_groups, group_size, estimator, nonfinite) -> int:
     """Raise ValueError for bad values; return the largest group size (needed by the kernels)."""
-    n = rewards.numel()
-    gi = group_index if group_index is not None else torch.arange(n, device=rewards.device) // group_size
-    zero = torch.zeros((), dtype=torch.int64, device=rewards.device)
-    checks = [
-        (~torch.isfinite(rewards)).sum() if nonfinite == "raise" else zero,
-        gi.min() if group_index is not None else zero,
-        gi.max() if group_index is not None else zero,
-        ((modes < 0) | (modes >= NUM_MODES)).sum() if modes is not None else zero,
-    ]
+    checks = {}  # name -> 0-dim integer tensor; read back in one host sync
+    if nonfinite == "raise":
+        checks["nonfinite"] = (~torch.isfinite(rewards)).sum()
     if group_index is not None:
-        checks.append(torch.bincount(gi.clamp(0, num_groups - 1), minlength=num_groups).max())
-    else:
-        checks.append(zero + group_size)
+        checks["gmin"], checks["gmax"] = group_index.min(), group_index.max()
+        checks["max_len"] = torch.bincount(group_index.clamp(0, num_groups - 1), minlength=num_groups).max()
+    if modes is not None:
+        checks["bad_modes"] = ((modes < 0) | (modes >= NUM_MODES)).sum()
     if estimator == "bpo":
-        slot = gi.clamp(0, num_groups - 1) * NUM_MODES + modes.clamp(0, NUM_MODES - 1)
-        per_mode = torch.bincount(slot, minlength=num_groups * NUM_MODES).view(num_groups, NUM_MODES)
-        present = per_mode.sum(1) > 0
-        lacking = present & ((per_mode[:, Mode.THINK] == 0) | (per_mode[:, Mode.NO_THINK] == 0))
-        checks.append(lacking.sum())
-        checks.append(torch.where(lacking, torch.arange(num_groups, device=gi.device), num_groups).min())
-    values = torch.stack([c.to(torch.int64) for c in checks]).tolist()  # the one host sync
-    n_nonfinite, gmin, gmax, n_bad_modes, max_len = values[:5]
+        if group_index is None:
+            m = modes.view(num_groups, group_size)
+            lacking = ~((m == Mode.THINK).any(1) & (m == Mode.NO_THINK).any(1))
+        else:
+            slot = group_index.clamp(0, num_groups - 1) * NUM_MODES + modes.clamp(0, NUM_MODES - 1)
+            per_mode = torch.bincount(slot, minlength=num_groups * NUM_MODES).view(num_groups, NUM_MODES)
+            lacking = (per_mode.sum(1) > 0) & ((per_mode[:, Mode.THINK] == 0) | (per_mode[:, Mode.NO_THINK] == 0))
+        checks["lacking"] = lacking.sum()
+        checks["first_lacking"] = lacking.to(torch.int8).argmax()  # argmax returns the first maximum
+    values = dict(zip(checks, torch.stack(list(checks.values())).tolist())) if checks else {}  # the one sync
+    n_nonfinite = values.get("nonfinite", 0)
+    gmin, gmax = values.get("gmin", 0), values.get("gmax", 0)
+    n_bad_modes = values.get("bad_modes", 0)
+    max_len = values.get("max_len", group_size)
     if n_nonfinite:
         first = int(torch.nonzero(~torch.isfinite(rewards))[0, 0])
         raise ValueError(
@@ -298,10 +318,10 @@ def _check_values(rewards, group_index, modes, num_groups, group_size, estimator
             f"modes: {n_bad_modes} value(s) outside the known modes "
             f"{ {m.name: int(m) for m in Mode} }; classify rollouts as one of these"
         )
-    if estimator == "bpo" and values[5]:
+    if values.get("lacking"):
         raise ValueError(
             f"modes: estimator='bpo' normalises over a mixed group of thinking and non-thinking rollouts, but "
-            f"{values[5]} group(s) lack one of the two modes (first: group {values[6]}); "
+            f"{values['lacking']} group(s) lack one of the two modes (first: group {values['first_lacking']}); "
             "use estimator='grpo' for single-mode groups"
         )
     return max_len
