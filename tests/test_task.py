@@ -1,0 +1,102 @@
+"""The embedded task, its tokenizer, the tiny R-4B model and the annealing batch encoding."""
+
+import math
+
+import torch
+
+from r4b_fast.modes import Mode
+from r4b_fast.training.annealing import MODE_PREFIX, cosine_with_warmup, encode_sft_batch, sft_loss
+from r4b_fast.training.rewards import accuracy_reward
+from r4b_fast.training.task import (
+    CELL,
+    PALETTE,
+    Item,
+    annealing_labels,
+    build_dataset,
+    build_tokenizer,
+    sample_items,
+    target_text,
+)
+from r4b_fast.training.tiny_model import build_tiny_r4b, num_image_tokens, parameter_groups
+
+
+def test_items_answers_and_steps():
+    hard = Item((3, 5, 7, 2), True)
+    assert hard.answer == "17" and hard.steps == "3+5=8, 8+7=15, 15+2=17"
+    easy = Item((3, 5, 7, 2), False)
+    assert easy.answer == "3"
+    assert target_text(hard, Mode.THINK) == "<think>\n3+5=8, 8+7=15, 15+2=17\n</think>\n\n17"
+    assert target_text(hard, Mode.NO_THINK) == "<think>\n\n</think>\n\n17"
+    # the targets earn full reward from the rule-based reward
+    assert accuracy_reward(target_text(hard, Mode.THINK), hard.answer) == 1.0
+
+
+def test_image_encodes_the_digits():
+    item = Item((0, 9, 4, 7), True)
+    img = item.image(noise=0.05, generator=torch.Generator().manual_seed(0))
+    assert img.shape == (3, 2 * CELL, 2 * CELL)
+    decoded = []
+    for r in range(2):
+        for c in range(2):
+            cell = img[:, r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL].mean((1, 2))
+            decoded.append(int(((PALETTE - cell) ** 2).sum(1).argmin()))
+    assert tuple(decoded) == item.digits
+
+
+def test_labels_follow_r4b_proportions():
+    items = sample_items(6000, seed=3)
+    labels = annealing_labels(items, seed=3)
+    assert all(m == Mode.NO_THINK for it, m in zip(items, labels) if not it.hard)
+    think_share = sum(m == Mode.THINK for m in labels) / len(labels)
+    assert abs(think_share - 1 / 3) < 0.03  # about two thirds non-thinking
+    hard_think = [m == Mode.THINK for it, m in zip(items, labels) if it.hard]
+    assert 0.6 < sum(hard_think) / len(hard_think) < 0.73  # so some hard items are labelled non-thinking
+
+
+def test_tokenizer_round_trip_and_special_tokens():
+    tok = build_tokenizer()
+    text = target_text(Item((4, 9, 3, 0), True), Mode.THINK)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    for special in ("<think>", "</think>", "<image>", "<|im_end|>"):
+        assert tok(special, add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids(special)]
+    assert tok.unk_token_id not in ids
+
+
+def test_dataset_columns():
+    ds = build_dataset(8, seed=0)
+    assert set(ds.column_names) >= {"question", "answer", "image", "mode", "hard"}
+    assert torch.tensor(ds[0]["image"]).shape == (3, 2 * CELL, 2 * CELL)
+
+
+def test_sft_batch_masks_everything_but_the_assistant_turn():
+    tok = build_tokenizer()
+    items = [Item((1, 2, 3, 4), True), Item((5, 6, 7, 8), False)]
+    modes = [Mode.THINK, Mode.NO_THINK]
+    input_ids, mask, labels, images = encode_sft_batch(tok, items, modes, n_image_tokens=10)
+    for row, (item, mode) in enumerate(zip(items, modes)):
+        supervised = labels[row][labels[row] != -100].tolist()
+        assert tok.decode(supervised) == target_text(item, mode) + tok.eos_token
+        assert mask[row].sum() == (input_ids[row] != tok.pad_token_id).sum()
+    assert images.shape == (2, 3, 2 * CELL, 2 * CELL)
+
+
+def test_tiny_model_forward_and_loss():
+    tok = build_tokenizer()
+    model = build_tiny_r4b(tok, hidden_size=32, layers=1)
+    n_img = num_image_tokens(model)
+    batch = encode_sft_batch(tok, sample_items(3, 0), [Mode.THINK, Mode.NO_THINK, Mode.THINK], n_img)
+    loss, n_tokens = sft_loss(model, *batch)
+    assert math.isfinite(loss.item()) and abs(loss.item() - math.log(len(tok))) < 1.0  # near uniform at init
+    loss.backward()
+    names = {g["name"] for g in parameter_groups(model, 1e-4, 1e-3, 1e-3)}
+    assert names == {"vision", "projector", "llm"}
+    assert model.model.vision_tower.embeddings.patch_embedding.weight.grad is not None
+
+
+def test_cosine_schedule():
+    assert cosine_with_warmup(0, 100, 10) == 0.1
+    assert cosine_with_warmup(9, 100, 10) == 1.0
+    assert abs(cosine_with_warmup(55, 100, 10) - 0.5) < 1e-9
+    assert cosine_with_warmup(100, 100, 10) == 0.0
+    assert MODE_PREFIX[Mode.NO_THINK] == "<think>\n\n</think>\n\n"

@@ -1,0 +1,173 @@
+"""Bi-mode annealing (R-4B stage 1): ``python -m r4b_fast.training.annealing``.
+
+SFT on a mix of thinking targets ``<think>\\nsteps\\n</think>\\n\\nanswer`` and non-thinking targets
+``<think>\\n\\n</think>\\n\\nanswer``, chosen by each example's mode label; loss on assistant tokens only; AdamW with
+separate learning rates for vision tower, projector and language model, linear warm-up then cosine decay.
+With no arguments it trains the tiny R-4B-architecture model on the embedded synthetic task (CPU, minutes) and
+reports accuracy per mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from r4b_fast.modes import Mode
+from r4b_fast.training.task import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    Item,
+    annealing_labels,
+    build_tokenizer,
+    prompt_text,
+    sample_items,
+    target_text,
+)
+from r4b_fast.training.tiny_model import build_tiny_r4b, num_image_tokens, parameter_groups, pixel_inputs
+
+# What follows the assistant turn's start in each mode (R-4B): the model continues from there.
+MODE_PREFIX = {
+    Mode.THINK: f"{THINK_OPEN}\n",
+    Mode.NO_THINK: f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n",
+    Mode.AUTO: THINK_OPEN,
+}
+
+
+def encode_sft_batch(tokenizer, items: list[Item], modes: list[Mode], n_image_tokens: int, generator=None):
+    """Right-padded input ids, attention mask, labels (-100 outside the assistant turn) and images."""
+    ids, labels = [], []
+    for item, mode in zip(items, modes):
+        prompt = tokenizer(prompt_text(item, n_image_tokens), add_special_tokens=False)["input_ids"]
+        target = tokenizer(target_text(item, mode), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids.append(prompt + target)
+        labels.append([-100] * len(prompt) + target)
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
+    label_ids = torch.tensor([x + [-100] * (width - len(x)) for x in labels])
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+    images = torch.stack([it.image(generator=generator) for it in items])
+    return input_ids, mask, label_ids, images
+
+
+def sft_loss(model, input_ids, attention_mask, labels, images) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over assistant tokens, and their count."""
+    pixel_values, image_sizes = pixel_inputs(images)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                   image_sizes=image_sizes).logits
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    n_tokens = int((shift_labels != -100).sum())
+    loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+    return loss / max(n_tokens, 1), n_tokens
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, items: list[Item], mode: Mode, n_image_tokens: int, max_new_tokens: int = 48):
+    """Greedy completions (after the forced mode prefix) for a batch of items, as text."""
+    prompts = [prompt_text(it, n_image_tokens) + MODE_PREFIX[mode] for it in items]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+    tokenizer.padding_side = "right"
+    pixel_values, image_sizes = pixel_inputs(torch.stack([it.image() for it in items]))
+    out = model.generate(**enc, pixel_values=pixel_values, image_sizes=image_sizes, max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=False)
+    return [MODE_PREFIX[mode] + t.split(tokenizer.eos_token)[0].replace(tokenizer.pad_token, "") for t in texts]
+
+
+def evaluate(model, tokenizer, items: list[Item], n_image_tokens: int) -> dict[str, float]:
+    """Accuracy per forced mode and per difficulty, and the think rate of auto mode per difficulty."""
+    from r4b_fast.training.rewards import accuracy_reward
+
+    model.eval()
+    metrics = {}
+    for mode in (Mode.THINK, Mode.NO_THINK, Mode.AUTO):
+        completions = greedy_answers(model, tokenizer, items, mode, n_image_tokens)
+        for hard, name in ((False, "easy"), (True, "hard")):
+            rows = [(c, it) for c, it in zip(completions, items) if it.hard == hard]
+            if not rows:
+                continue
+            acc = sum(accuracy_reward(c, it.answer) for c, it in rows) / len(rows)
+            metrics[f"acc_{mode.name.lower()}_{name}"] = acc
+            if mode == Mode.AUTO:  # thought = wrote something inside the think block
+                thought = [c.partition(THINK_CLOSE)[0].strip() not in ("", THINK_OPEN) for c, _ in rows]
+                metrics[f"think_rate_{name}"] = sum(thought) / len(rows)
+    model.train()
+    return metrics
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m r4b_fast.training.annealing", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr-llm", type=float, default=2e-3)
+    parser.add_argument("--lr-projector", type=float, default=2e-3)
+    parser.add_argument("--lr-vision", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--eval-items", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/annealing"))
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "eval_items"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+
+    torch.manual_seed(args.seed)
+    tokenizer = build_tokenizer()
+    model = build_tiny_r4b(tokenizer, seed=args.seed)
+    n_img = num_image_tokens(model)
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.lr_vision, args.lr_projector, args.lr_llm))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, args.steps, args.warmup)
+    )
+    train_items = sample_items(args.steps * args.batch_size, args.seed)
+    train_modes = annealing_labels(train_items, args.seed)
+    eval_items = sample_items(args.eval_items, args.seed + 10_000)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    log = (args.output_dir / "metrics.jsonl").open("a")
+    gen = torch.Generator().manual_seed(args.seed)
+    think_share = sum(m == Mode.THINK for m in train_modes) / len(train_modes)
+    print(f"annealing: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {args.steps} steps x "
+          f"{args.batch_size}, {think_share:.0%} thinking labels")
+    start = time.perf_counter()
+    for step in range(args.steps):
+        lo = step * args.batch_size
+        batch = encode_sft_batch(tokenizer, train_items[lo : lo + args.batch_size],
+                                 train_modes[lo : lo + args.batch_size], n_img, gen)
+        loss, n_tokens = sft_loss(model, *batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        record = {"step": step + 1, "loss": loss.item(), "tokens": n_tokens,
+                  "elapsed_s": round(time.perf_counter() - start, 2)}
+        log.write(json.dumps(record) + "\n")
+        if (step + 1) % 50 == 0 or step + 1 == args.steps:
+            print(f"step {step + 1}/{args.steps} loss {loss.item():.4f} ({record['elapsed_s']:.0f} s)", flush=True)
+    metrics = evaluate(model, tokenizer, eval_items, n_img)
+    log.write(json.dumps({"step": args.steps, "eval": metrics}) + "\n")
+    log.close()
+    print("eval: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items())))
+    model.save_pretrained(args.output_dir / "model")
+    tokenizer.save_pretrained(args.output_dir / "model")
+    print(f"saved {args.output_dir / 'model'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
