@@ -10,15 +10,17 @@ reports accuracy per mode.
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from r4b_fast.modes import Mode
+from r4b_fast.training.common import MetricsLogger, load_checkpoint, save_checkpoint, set_seed
 from r4b_fast.training.task import (
     THINK_CLOSE,
     THINK_OPEN,
@@ -118,51 +120,64 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr-projector", type=float, default=2e-3)
     parser.add_argument("--lr-vision", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--eval-items", type=int, default=128)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--eval-items", type=int, default=128, help="0 skips the final evaluation")
+    parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/annealing"))
+    parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: die like a kill
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "eval_items"):
+    for name in ("steps", "batch_size", "hidden_size", "layers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
 
-    torch.manual_seed(args.seed)
+    set_seed(args.seed)
     tokenizer = build_tokenizer()
-    model = build_tiny_r4b(tokenizer, seed=args.seed)
+    model = build_tiny_r4b(tokenizer, hidden_size=args.hidden_size, layers=args.layers, seed=args.seed)
     n_img = num_image_tokens(model)
     optimizer = torch.optim.AdamW(parameter_groups(model, args.lr_vision, args.lr_projector, args.lr_llm))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, args.steps, args.warmup)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, args.steps, args.warmup))
     train_items = sample_items(args.steps * args.batch_size, args.seed)
     train_modes = annealing_labels(train_items, args.seed)
-    eval_items = sample_items(args.eval_items, args.seed + 10_000)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    log = (args.output_dir / "metrics.jsonl").open("a")
-    gen = torch.Generator().manual_seed(args.seed)
+    checkpoint_dir = args.output_dir / "checkpoint"
+    start_step = 0
+    if args.resume:
+        start_step = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)["step"]
+        print(f"resumed from {checkpoint_dir} at step {start_step}")
+    logger = MetricsLogger(args.output_dir)
     think_share = sum(m == Mode.THINK for m in train_modes) / len(train_modes)
     print(f"annealing: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {args.steps} steps x "
           f"{args.batch_size}, {think_share:.0%} thinking labels")
     start = time.perf_counter()
-    for step in range(args.steps):
+    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="annealing",
+                    disable=None)
+    for step in progress:
         lo = step * args.batch_size
+        noise = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # data position = step: exact resume
         batch = encode_sft_batch(tokenizer, train_items[lo : lo + args.batch_size],
-                                 train_modes[lo : lo + args.batch_size], n_img, gen)
+                                 train_modes[lo : lo + args.batch_size], n_img, noise)
         loss, n_tokens = sft_loss(model, *batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        record = {"step": step + 1, "loss": loss.item(), "tokens": n_tokens,
-                  "elapsed_s": round(time.perf_counter() - start, 2)}
-        log.write(json.dumps(record) + "\n")
-        if (step + 1) % 50 == 0 or step + 1 == args.steps:
-            print(f"step {step + 1}/{args.steps} loss {loss.item():.4f} ({record['elapsed_s']:.0f} s)", flush=True)
-    metrics = evaluate(model, tokenizer, eval_items, n_img)
-    log.write(json.dumps({"step": args.steps, "eval": metrics}) + "\n")
-    log.close()
-    print("eval: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items())))
+        elapsed = round(time.perf_counter() - start, 2)
+        logger.log(step + 1, {"loss": loss.item(), "grad_norm": grad_norm.item(), "tokens": n_tokens,
+                              "lr_llm": scheduler.get_last_lr()[-1], "elapsed_s": elapsed})
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+        done = step + 1
+        if done == args.steps or (args.save_every and done % args.save_every == 0):
+            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, done)
+        if args.stop_after is not None and done == args.stop_after:
+            os._exit(3)  # no cleanup, no final save: what a kill leaves behind
+    if args.eval_items:
+        metrics = evaluate(model, tokenizer, sample_items(args.eval_items, args.seed + 10_000), n_img)
+        logger.log(args.steps, {f"eval/{k}": v for k, v in metrics.items()})
+        print("eval: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items())))
+    logger.close()
     model.save_pretrained(args.output_dir / "model")
     tokenizer.save_pretrained(args.output_dir / "model")
     print(f"saved {args.output_dir / 'model'}")

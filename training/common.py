@@ -1,0 +1,104 @@
+"""Pieces both loops share: seeding, metrics (jsonl + TensorBoard), checkpoints that resume exactly."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FILES = ("model.safetensors", "trainer_state.pt")
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class MetricsLogger:
+    """Appends one JSON object per record to ``metrics.jsonl``; mirrors scalars to TensorBoard when installed."""
+
+    def __init__(self, output_dir: Path, tensorboard: bool = True):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = output_dir / "metrics.jsonl"
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(output_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional: metrics.jsonl always has everything
+                self._tb = None
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps({"step": step, **record}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, extra: dict | None = None) -> Path:
+    """Weights as safetensors, and optimizer, scheduler, RNG states and the data position beside them.
+
+    Written to a temporary folder and renamed, so a run killed mid-save leaves the previous checkpoint intact.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    # tied weights share storage; safetensors refuses shared tensors, and clone() above unties them
+    save_file(state, str(tmp / "model.safetensors"))
+    torch.save(
+        {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_python": random.getstate(),
+            "extra": extra or {},
+        },
+        tmp / "trainer_state.pt",
+    )
+    if directory.exists():
+        old = directory.with_name(directory.name + ".old")
+        directory.rename(old)
+        tmp.rename(directory)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        tmp.rename(directory)
+    return directory
+
+
+def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; returns ``{"step": ..., "extra": ...}``."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    missing = [f for f in CHECKPOINT_FILES if not (directory / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"resume: checkpoint {directory} lacks {missing}")
+    model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    state = torch.load(directory / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_torch"])
+    random.setstate(state["rng_python"])
+    return {"step": state["step"], "extra": state["extra"]}
