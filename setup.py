@@ -23,7 +23,10 @@ setup(
     package_data={"r4b_fast.csrc": ["*.cu", "*.cuh"]},
     # torch is pinned only in the README's install command (CPU wheel from local disk); a range here
     # lets GPU users keep the CUDA build they already have.
-    install_requires=["torch>=2.6", "triton>=3.2", "transformers>=4.51", "datasets>=3.0", "filelock", "numpy"],
+    install_requires=[
+        "torch>=2.6", "triton>=3.2", "transformers>=4.51", "datasets>=3.0", "filelock", "numpy", "safetensors", "tqdm",
+        "matplotlib", "tensorboard",
+    ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=5", "hypothesis>=6.100", "ruff>=0.8"],
         "flash-attn": ["flash-attn>=2.6"],

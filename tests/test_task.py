@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from r4b_fast.modes import Mode
@@ -133,3 +134,19 @@ def test_annealing_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     resumed_log = read_metrics(tmp_path / "killed" / "metrics.jsonl")
     # steps 5 and 6 of the resumed run reproduce the uninterrupted run's losses exactly
     assert [r["loss"] for r in resumed_log if r["step"] >= 5][-2:] == losses_full[4:6]
+
+
+def test_plot_draws_the_logged_curves(tmp_path):
+    from r4b_fast.training.common import MetricsLogger
+    from r4b_fast.training.plot import plot_run
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    for step in range(1, 6):
+        logger.log(step, {"reward/think": 0.1 * step, "reward/no_think": 0.05 * step, "eval/think_rate_hard": 0.2})
+    logger.close()
+    out = plot_run(tmp_path)
+    assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    empty = tmp_path / "empty"
+    MetricsLogger(empty, tensorboard=False).close()
+    with pytest.raises(ValueError, match="none of the plotted metrics"):
+        plot_run(empty)
