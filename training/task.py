@@ -33,7 +33,10 @@ THINK_LABEL_PROB_HARD = 2 / 3  # -> 1/3 of the data thinking, as R-4B's mix (abo
 IMAGE_TOKEN, THINK_OPEN, THINK_CLOSE = "<image>", "<think>", "</think>"
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, IMAGE_TOKEN, THINK_OPEN, THINK_CLOSE, IM_START, IM_END]
-CHARSET = sorted(set("0123456789+=, \n?abcdefghijklmnopqrstuvwxyzWABCDEFGHIJKLMNOPQRSTUVXYZ_-.:"))
+CHARSET = sorted(set("0123456789+=, \n?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_-.:"))
+# Whole words of the task's text are single tokens (shorter sequences, faster CPU training); other text falls back
+# to characters, numbers are always spelled digit by digit.
+WORDS = sorted(set(f"{EASY_QUESTION} {HARD_QUESTION} user assistant first cell".replace("?", " ").split()))
 
 
 @dataclass(frozen=True)
@@ -121,9 +124,10 @@ def build_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARSET + ["<unk>"])}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARSET + WORDS + ["<unk>"])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+    words = "|".join(sorted(WORDS, key=len, reverse=True))  # longest first: "digits" before "digit"
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(words + r"|[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()  # and no spaces between them when decoding
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token=PAD, eos_token=IM_END)
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, THINK_OPEN, THINK_CLOSE, IM_START]})
