@@ -19,8 +19,10 @@ def sync() -> None:
 def peak_memory_bytes(fn) -> int:
     """Peak memory allocated by one call of ``fn`` beyond what was allocated before it.
 
-    CUDA: the caching allocator's peak. CPU: replayed from the profiler's allocation events, which resolve at
-    op granularity (a temporary freed inside a single aten op is not seen).
+    CUDA: the caching allocator's peak. CPU: replayed in time order from the profiler's *self* allocation events
+    (each op's own allocations and frees, ``[memory]`` events for frees outside any op). Resolution is one op: a
+    temporary allocated and freed inside a single op, or by Python code inside a custom op, is not seen, so measure
+    a custom op's peak on its backend functions called directly.
     """
     if DEVICE == "cuda":
         sync()
@@ -33,11 +35,9 @@ def peak_memory_bytes(fn) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # leaf ops carry their allocations, "[memory]" events the frees that happen outside any op
-    events = [e for e in prof.events() if not e.cpu_children and e.cpu_memory_usage]
     current = peak = 0
-    for e in sorted(events, key=lambda e: e.time_range.start):
-        current += e.cpu_memory_usage
+    for e in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+        current += e.self_cpu_memory_usage
         peak = max(peak, current)
     return peak
 

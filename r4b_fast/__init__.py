@@ -2,13 +2,23 @@
 
 Public ops (each validates its input, dispatches to the torch / triton / cuda backend and is a torch.library op):
     group_advantages  GRPO / Dr.GRPO / RLOO / BPO advantages with per-mode statistics
+    fused_linear_logprobs / fused_linear_policy_loss / logprobs_from_logits
+                      LM-head log-probs, entropy and the clipped GRPO/BPO loss without materialising the logits
+    pack_multimodal   padded multimodal batch -> one packed sequence (embeddings, 1-D / M-RoPE positions, cu_seqlens)
 
 Importing r4b_fast needs no GPU, nvcc, flash-attn or xformers; Triton kernels and CUDA libraries load on first use.
 """
 
 from r4b_fast.backends import BACKENDS, BackendUnavailableError, available_backends, not_supported_reasons
 from r4b_fast.modes import Mode
+from r4b_fast.ops.fused_linear_logprobs import (
+    fused_linear_logprobs,
+    fused_linear_logprobs_ref,
+    fused_linear_policy_loss,
+    logprobs_from_logits,
+)
 from r4b_fast.ops.group_advantages import GroupAdvantages, group_advantages, group_advantages_ref
+from r4b_fast.ops.pack_multimodal import PackedBatch, pack_multimodal, pack_multimodal_ref, unpack
 
 __version__ = "0.1.0"
 
@@ -17,8 +27,16 @@ __all__ = [
     "BackendUnavailableError",
     "GroupAdvantages",
     "Mode",
+    "PackedBatch",
     "available_backends",
+    "fused_linear_logprobs",
+    "fused_linear_logprobs_ref",
+    "fused_linear_policy_loss",
     "group_advantages",
     "group_advantages_ref",
+    "logprobs_from_logits",
     "not_supported_reasons",
+    "pack_multimodal",
+    "pack_multimodal_ref",
+    "unpack",
 ]

@@ -8,7 +8,6 @@ asked for by name.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -26,9 +25,7 @@ def triton_interpret_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None  # finds, does not import
 
 
 def not_supported_reasons(
@@ -45,7 +42,7 @@ def not_supported_reasons(
     if backend not in op_backends:
         reasons.append(f"this op has no {backend} implementation (it has {op_backends})")
     if backend == "triton":
-        if not _triton_importable():
+        if not _TRITON_IMPORTABLE:
             reasons.append("triton is not installed")
         if device.type == "cpu" and not triton_interpret_enabled():
             reasons.append(

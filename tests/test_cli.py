@@ -1,4 +1,4 @@
-"""The command-line entry points the README names."""
+"""The ahead-of-time CUDA build command (the training commands are tested in test_bpo.py / test_task.py)."""
 
 import subprocess
 import sys
@@ -10,18 +10,6 @@ from r4b_fast import _cuda_build
 
 def _run(*args):
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
-
-
-def test_bpo_entry_point_runs_and_says_what_is_not_built():
-    proc = _run("r4b_fast.training.bpo", "--prompts", "6", "--group-size", "3")
-    assert proc.returncode == 0, proc.stderr
-    assert "backend=torch: max |adv - reference| = " in proc.stdout
-    assert "this run trains nothing" in proc.stdout
-
-
-def test_bpo_entry_point_rejects_bad_arguments():
-    proc = _run("r4b_fast.training.bpo", "--group-size", "0")
-    assert proc.returncode != 0 and "--group-size must be positive" in proc.stderr
 
 
 def test_build_rejects_bad_arch():

@@ -74,37 +74,52 @@ def _chunks(T: int, V: int) -> tuple[int, int]:
     return ct, cv
 
 
-def _chunk_logits(h, weight, bias, v0, v1, inv_temp):
-    """fp32 ``x = (h @ W[v0:v1].T + b) / temperature`` for one chunk; the matmul runs in the input dtype."""
+def _scaled_hidden(h, inv_temp):
+    """``h / temperature`` per row (input dtype): the temperature folded into the matmul."""
+    return h * inv_temp[:, None].to(h.dtype)
+
+
+def _chunk_logits(h, hs, weight, bias, v0, v1, inv_temp):
+    """fp32 ``x = (h @ W[v0:v1].T + b) / temperature`` for one chunk; the matmul runs in the input dtype.
+
+    fp32 without bias: ``x = hs @ W.T`` with ``hs = h / temperature`` (no pass over the chunk for the temperature).
+    """
     w = weight[v0:v1]
-    if bias is not None:
-        z = torch.addmm(bias[v0:v1], h, w.T)
-    else:
-        z = h @ w.T
-    z = z.float() if z.dtype != torch.float32 else z
-    return z.mul_(inv_temp[:, None])
+    if hs is not None:
+        return hs @ w.T
+    z = torch.addmm(bias[v0:v1], h, w.T) if bias is not None else h @ w.T
+    if z.dtype == torch.float32:
+        return z.mul_(inv_temp[:, None])
+    return torch.mul(z, inv_temp[:, None])  # 16-bit logits -> fp32 in the same pass
+
+
+def _rowdot(a, b):
+    """``(a * b).sum(1)`` as a batched dot product: one pass, no [rows, cols] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def _flp_forward_torch(hidden, weight, bias, targets, temperature, ignore_index, with_entropy):
     T, V = hidden.shape[0], weight.shape[0]
     ct, cv = _chunks(T, V)
+    fold = hidden.dtype == torch.float32 and bias is None
     f32 = dict(dtype=torch.float32, device=hidden.device)
     logp, entropy, lse_out = torch.empty(T, **f32), torch.zeros(T, **f32), torch.empty(T, **f32)
     for t0 in range(0, T, ct):
         t1 = min(T, t0 + ct)
         h, y, inv_temp = hidden[t0:t1], targets[t0:t1], 1.0 / temperature[t0:t1]
+        hs = _scaled_hidden(h, inv_temp) if fold else None
         m = s = u = None  # running max, sum exp(x - m), sum exp(x - m) * (x - m)
         xy = torch.zeros(t1 - t0, **f32)
         for v0 in range(0, V, cv):
             v1 = min(V, v0 + cv)
-            x = _chunk_logits(h, weight, bias, v0, v1, inv_temp)
+            x = _chunk_logits(h, hs, weight, bias, v0, v1, inv_temp)
             inside = (y >= v0) & (y < v1)
             xy += torch.where(inside, x.gather(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1), 0.0)
             m_new = x.amax(1) if m is None else torch.maximum(m, x.amax(1))
             x.sub_(m_new[:, None])  # x - m_new <= 0
             e = x.exp()
             s_c = e.sum(1)
-            u_c = e.mul_(x).sum(1) if with_entropy else None
+            u_c = _rowdot(e, x) if with_entropy else None
             if m is None:
                 s, u = s_c, u_c
             else:
@@ -125,46 +140,56 @@ def _flp_forward_torch(hidden, weight, bias, targets, temperature, ignore_index,
 
 
 def _flp_backward_torch(grad_logp, grad_ent, hidden, weight, bias, targets, temperature, lse, entropy, ignore_index):
-    """dHidden, dWeight, dBias (dBias empty without bias) in the input dtype; each chunk's logits recomputed."""
+    """dHidden, dWeight, dBias (dBias empty without bias) in the input dtype; each chunk's logits recomputed.
+
+    Works with ``dx`` = d loss / d (logits / temperature):
+    ``dx = -p * (gl + gh * (entropy + log p)) + gl * onehot``, then ``dHidden = (dx @ W) / temperature``,
+    ``dWeight = dx.T @ (h / temperature)``, ``dBias = (1 / temperature) @ dx`` (no pass over a chunk for it).
+    """
     T, V = hidden.shape[0], weight.shape[0]
     ct, cv = _chunks(T, V)
+    fold = hidden.dtype == torch.float32 and bias is None
     low = hidden.dtype != torch.float32
     dh = torch.zeros(T, hidden.shape[1], dtype=torch.float32, device=hidden.device)
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     db = torch.zeros(V, dtype=torch.float32, device=weight.device) if bias is not None else None
     valid = targets != ignore_index
     inv_temp_all = 1.0 / temperature
-    gl_all = torch.where(valid, grad_logp, 0.0) * inv_temp_all  # d/dz = d/dx / temperature
+    gl_all = torch.where(valid, grad_logp, 0.0)
     if grad_ent is not None:
-        gh_all = torch.where(valid, grad_ent, 0.0) * inv_temp_all
-        c0_all = gl_all + gh_all * (entropy - lse)
+        gh_all = torch.where(valid, grad_ent, 0.0)
+        a0_all = -(gl_all + gh_all * entropy)  # dx = p * (a0 + a1 * log p)
+        a1_all = -gh_all
     for t0 in range(0, T, ct):
         t1 = min(T, t0 + ct)
-        h, y, inv_temp = hidden[t0:t1], targets[t0:t1], inv_temp_all[t0:t1]
-        gl, lse_c = gl_all[t0:t1], lse[t0:t1]
+        h, y, inv_temp, lse_c = hidden[t0:t1], targets[t0:t1], inv_temp_all[t0:t1], lse[t0:t1]
+        hs = _scaled_hidden(h, inv_temp)
+        gl = gl_all[t0:t1]
         for v0 in range(0, V, cv):
             v1 = min(V, v0 + cv)
-            x = _chunk_logits(h, weight, bias, v0, v1, inv_temp)
-            p = torch.sub(x, lse_c[:, None]).exp_()
-            if grad_ent is not None:  # dz = -p * (gl + gh * (x - lse + H)) / temp  (+ gl / temp at the target)
-                dz = x.mul_(gh_all[t0:t1, None]).add_(c0_all[t0:t1, None]).mul_(p).neg_()
+            logq = _chunk_logits(h, hs if fold else None, weight, bias, v0, v1, inv_temp).sub_(lse_c[:, None])
+            if grad_ent is not None:
+                p = logq.exp()
+                dx = logq.mul_(a1_all[t0:t1, None]).add_(a0_all[t0:t1, None]).mul_(p)
+                del p
             else:
-                dz = p.mul_(-gl[:, None])
-            del p
+                dx = logq.exp_().mul_(-gl[:, None])
             inside = (y >= v0) & (y < v1)
             idx = (y - v0).clamp(0, v1 - v0 - 1)[:, None]
-            dz.scatter_add_(1, idx, torch.where(inside, gl, 0.0)[:, None])
+            dx.scatter_add_(1, idx, torch.where(inside, gl, 0.0)[:, None])
             if db is not None:
-                db[v0:v1] += dz.sum(0)
+                db[v0:v1].addmv_(dx.T, inv_temp)
             if low:
-                dzl = dz.to(hidden.dtype)
-                del dz
-                dh[t0:t1] += dzl @ weight[v0:v1]
-                dw[v0:v1] += dzl.T @ h
+                dxl = dx.to(hidden.dtype)
+                del dx
+                dh[t0:t1] += dxl @ weight[v0:v1]
+                dw[v0:v1] += dxl.T @ hs
+                del dxl
             else:
-                dh[t0:t1].addmm_(dz, weight[v0:v1])
-                dw[v0:v1].addmm_(dz.T, h)
-            del dz
+                dh[t0:t1].addmm_(dx, weight[v0:v1])
+                dw[v0:v1].addmm_(dx.T, hs)
+                del dx
+    dh.mul_(inv_temp_all[:, None])
     db_out = db.to(bias.dtype) if db is not None else hidden.new_empty(0)
     return dh.to(hidden.dtype), dw.to(weight.dtype), db_out
 
@@ -347,14 +372,15 @@ def fused_linear_logprobs(
 
     Returns:
         ``logprobs`` (``[...]`` float32), or ``(logprobs, entropy)`` with ``return_entropy=True``. Differentiable in
-        ``hidden``, ``weight`` and ``bias``; the backward recomputes the logits chunk by chunk.
+        ``hidden``, ``weight`` and ``bias``; the backward recomputes the logits chunk by chunk. The value checks
+        (targets in range, temperatures finite and > 0) cost one host sync per call, also under torch.compile.
 
     Example:
         >>> import torch, r4b_fast
         >>> h, w = torch.randn(4, 8, requires_grad=True), torch.randn(32, 8, requires_grad=True)
         >>> y = torch.tensor([3, 1, -100, 31])
         >>> logp, ent = r4b_fast.fused_linear_logprobs(h, w, y, return_entropy=True)
-        >>> logp.shape, float(logp[2])
+        >>> logp.shape, float(logp.detach()[2])
         (torch.Size([4]), 0.0)
         >>> (logp.sum() + ent.sum()).backward()
     """
@@ -395,7 +421,7 @@ def logprobs_from_logits(
         return_entropy: also return the entropy of ``softmax(logits / temperature)``.
 
     Returns:
-        ``logprobs`` ``[...]`` float32 (and ``entropy`` ``[...]`` float32). Uses ``logsumexp`` (max-shifted), so
+        ``logprobs`` ``[...]`` float32 (and ``entropy`` ``[...]`` float32). Uses ``log_softmax`` (max-shifted), so
         all-negative or very large logits are exact.
 
     Example:
@@ -413,11 +439,11 @@ def logprobs_from_logits(
     else:
         _temperature_tensor(temperature, (1,), logits.device)  # validates the float
         x = logits.float() / float(temperature) if temperature != 1.0 else logits.float()
-    lse = torch.logsumexp(x, dim=-1)
-    logp = x.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
+    logsm = torch.log_softmax(x, dim=-1)  # max-shifted: no cancellation for large or all-negative logits
+    logp = logsm.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     if not return_entropy:
         return logp
-    entropy = lse - (torch.softmax(x, dim=-1) * x).sum(-1)
+    entropy = -(logsm.exp() * logsm).sum(-1)
     return logp, entropy
 
 
@@ -538,6 +564,8 @@ def fused_linear_policy_loss(
         raise ValueError(f"dual_clip: expected a float > 1 (verl's clip_ratio_c, e.g. 3.0) or None, got {dual_clip!r}")
     if beta != 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs: needed for the KL penalty when beta != 0")
+    if isinstance(temperature, torch.Tensor):
+        _check_float("temperature", temperature, shape=(B, L), device=dev)
     if max_length is None:
         max_length = L
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
