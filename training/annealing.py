@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from r4b_fast import fused_linear_logprobs, pack_multimodal
 from r4b_fast.modes import Mode
+from r4b_fast.packed_forward import packed_forward
 from r4b_fast.training.common import MetricsLogger, load_checkpoint, save_checkpoint, set_seed
 from r4b_fast.training.task import (
     THINK_CLOSE,
@@ -31,7 +33,13 @@ from r4b_fast.training.task import (
     sample_items,
     target_text,
 )
-from r4b_fast.training.tiny_model import build_tiny_r4b, num_image_tokens, parameter_groups, pixel_inputs
+from r4b_fast.training.tiny_model import (
+    build_tiny_r4b,
+    image_embeddings,
+    num_image_tokens,
+    parameter_groups,
+    pixel_inputs,
+)
 
 # What follows the assistant turn's start in each mode (R-4B): the model continues from there.
 MODE_PREFIX = {
@@ -41,7 +49,7 @@ MODE_PREFIX = {
 }
 
 
-def encode_sft_batch(tokenizer, items: list[Item], modes: list[Mode], n_image_tokens: int, generator=None):
+def encode_sft_batch(tokenizer, items: list[Item], modes: list[Mode], n_image_tokens: int):
     """Right-padded input ids, attention mask, labels (-100 outside the assistant turn) and images."""
     ids, labels = [], []
     for item, mode in zip(items, modes):
@@ -54,20 +62,24 @@ def encode_sft_batch(tokenizer, items: list[Item], modes: list[Mode], n_image_to
     input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
     label_ids = torch.tensor([x + [-100] * (width - len(x)) for x in labels])
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-    images = torch.stack([it.image(generator=generator) for it in items])
+    images = torch.stack([it.image() for it in items])
     return input_ids, mask, label_ids, images
 
 
 def sft_loss(model, input_ids, attention_mask, labels, images) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over assistant tokens, and their count."""
-    pixel_values, image_sizes = pixel_inputs(images)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                   image_sizes=image_sizes).logits
-    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    n_tokens = int((shift_labels != -100).sum())
-    loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                             ignore_index=-100, reduction="sum")
-    return loss / max(n_tokens, 1), n_tokens
+    """Mean next-token cross-entropy over assistant tokens, and their count, on the project's ops: the padded batch
+    is packed into one sequence (``pack_multimodal``: no padding computed), run through the model with varlen
+    attention (``packed_forward``), and scored from the LM head's input (``fused_linear_logprobs``: no logits)."""
+    vision = image_embeddings(model, images)
+    packed = pack_multimodal(input_ids, attention_mask, model.get_input_embeddings().weight, vision,
+                             image_token_id=model.config.image_token_index, rope="1d")
+    hidden = packed_forward(model.model, packed).last_hidden_state[0]  # [T, D]
+    next_labels = torch.full_like(labels, -100)
+    next_labels[:, :-1] = labels[:, 1:]  # position t is scored on token t + 1 of its own sequence
+    targets = packed.pack(next_labels)
+    n_tokens = int((targets != -100).sum())
+    logp = fused_linear_logprobs(hidden, model.lm_head.weight, targets)
+    return -logp.sum() / max(n_tokens, 1), n_tokens
 
 
 @torch.no_grad()
@@ -155,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                     disable=None)
     for step in progress:
         lo = step * args.batch_size
-        noise = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # data position = step: exact resume
+        # data position = step: items (and their images) are a function of (seed, index), so resume is exact
         batch = encode_sft_batch(tokenizer, train_items[lo : lo + args.batch_size],
-                                 train_modes[lo : lo + args.batch_size], n_img, noise)
+                                 train_modes[lo : lo + args.batch_size], n_img)
         loss, n_tokens = sft_loss(model, *batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -168,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.log(step + 1, {"loss": loss.item(), "grad_norm": grad_norm.item(), "tokens": n_tokens,
                               "lr_llm": scheduler.get_last_lr()[-1], "elapsed_s": elapsed})
         progress.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % 50 == 0:
+            tqdm.write(f"step {step + 1}/{args.steps}: loss {loss.item():.4f} ({elapsed:.0f} s)")
         done = step + 1
         if done == args.steps or (args.save_every and done % args.save_every == 0):
             save_checkpoint(checkpoint_dir, model, optimizer, scheduler, done)
