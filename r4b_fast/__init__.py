@@ -4,6 +4,8 @@ Public ops (each validates its input, dispatches to the torch / triton / cuda ba
     group_advantages  GRPO / Dr.GRPO / RLOO / BPO advantages with per-mode statistics
     fused_linear_logprobs / fused_linear_policy_loss / logprobs_from_logits
                       LM-head log-probs, entropy and the clipped GRPO/BPO loss without materialising the logits
+    sample / sample_with_modes
+                      sort-free, sync-free top-k/top-p/min-p sampling with per-row thinking-mode control
     pack_multimodal   padded multimodal batch -> one packed sequence (embeddings, 1-D / M-RoPE positions, cu_seqlens)
 
 Importing r4b_fast needs no GPU, nvcc, flash-attn or xformers; Triton kernels and CUDA libraries load on first use.
@@ -19,6 +21,7 @@ from r4b_fast.ops.fused_linear_logprobs import (
 )
 from r4b_fast.ops.group_advantages import GroupAdvantages, group_advantages, group_advantages_ref
 from r4b_fast.ops.pack_multimodal import PackedBatch, pack_multimodal, pack_multimodal_ref, unpack
+from r4b_fast.ops.sampling import ModeState, ModeStep, sample, sample_with_modes
 
 __version__ = "0.1.0"
 
@@ -27,6 +30,8 @@ __all__ = [
     "BackendUnavailableError",
     "GroupAdvantages",
     "Mode",
+    "ModeState",
+    "ModeStep",
     "PackedBatch",
     "available_backends",
     "fused_linear_logprobs",
@@ -38,5 +43,7 @@ __all__ = [
     "not_supported_reasons",
     "pack_multimodal",
     "pack_multimodal_ref",
+    "sample",
+    "sample_with_modes",
     "unpack",
 ]

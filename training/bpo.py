@@ -1,62 +1,325 @@
-"""BPO training: ``python -m r4b_fast.training.bpo``.
+"""BPO training (R-4B stage 2): ``python -m r4b_fast.training.bpo``.
 
-The full loop (tiny R-4B-architecture model, synthetic visual task, rollouts forced into both modes) is not built
-yet. Until it lands, this entry point runs the piece of BPO that is built: on a synthetic batch it computes the
-mixed-group advantages with r4b_fast.group_advantages on every backend available here, checks them against the
-loop reference, and prints what BPO logs per step. It says plainly that no model is trained.
+Per step: sample prompts; for each, ``g`` rollouts forced into thinking and ``g`` forced into non-thinking
+(``--algo grpo``: all ``2g`` in auto mode, the baseline R-4B compares against); rule-based accuracy reward;
+advantages normalised over the mixed group (``r4b_fast.group_advantages``); PPO epochs / mini-batches on the clipped
+policy loss computed from the LM head's input (``fused_linear_policy_loss``) with the rollout's log-probs as old
+log-probs and an optional k3 KL to a frozen reference. Logs reward and response length per mode, KL, clip fraction,
+entropy, tokens/s, and every ``--eval-every`` steps the accuracy and think rate of auto-mode rollouts on held-out
+easy and hard items.
+
+With no arguments it starts from the annealed tiny R-4B model shipped in the package and trains on the embedded
+synthetic task on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-import r4b_fast
+from r4b_fast import group_advantages
 from r4b_fast.modes import Mode
+from r4b_fast.ops.fused_linear_logprobs import fused_linear_logprobs, fused_linear_policy_loss
+from r4b_fast.training.common import MetricsLogger, load_checkpoint, save_checkpoint, set_seed
+from r4b_fast.training.rewards import THINK_CLOSE, THINK_OPEN, accuracy_reward, compute_rewards
+from r4b_fast.training.rollout import bpo_modes, generate_rollouts
+from r4b_fast.training.task import Item, prompt_text, sample_items
+from r4b_fast.training.tiny_model import image_embeddings, num_image_tokens
 
-NOT_BUILT = (
-    "not built yet: the model, the rollout engine (sample_with_modes), the fused log-prob loss and the training loop; "
-    "this run trains nothing"
-)
+ASSETS = Path(__file__).parent / "assets"
+DEFAULT_MODEL = ASSETS / "annealed"
+
+
+@dataclass
+class ModeTokens:
+    """Token ids of the mode-control sequences, from the tokenizer (never hard-coded)."""
+
+    think_open: list[int]
+    no_think: list[int]
+    think_close: list[int]
+    auto: list[int]
+    eos: int
+    pad: int
+    image: int
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> ModeTokens:
+        def ids(text):
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        return cls(ids(f"{THINK_OPEN}\n"), ids(f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"), ids(f"\n{THINK_CLOSE}\n\n"),
+                   ids(THINK_OPEN), tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids("<image>"))
+
+
+def load_policy(path: Path):
+    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+    if not (Path(path) / "config.json").exists() and Path(path).exists():
+        raise FileNotFoundError(f"--model: {path} has no config.json")
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer
+
+
+def prompt_embeddings(model, prompt_ids: list[list[int]], items: list[Item], image_id: int) -> list[torch.Tensor]:
+    """Per prompt, the token embeddings with the image features written over its ``<image>`` placeholders."""
+    feats = image_embeddings(model, torch.stack([it.image() for it in items]))
+    per_image = feats.shape[0] // len(items)
+    embed = model.get_input_embeddings()
+    out = []
+    for p, ids in enumerate(prompt_ids):
+        ids_t = torch.tensor(ids)
+        e = embed(ids_t).clone()
+        e[ids_t == image_id] = feats[p * per_image : (p + 1) * per_image].to(e.dtype)
+        out.append(e)
+    return out
+
+
+def completion_texts(tokenizer, rollouts) -> list[str]:
+    texts = []
+    for row, mask in zip(rollouts.completions.tolist(), rollouts.completion_mask.tolist()):
+        ids = [t for t, m in zip(row, mask) if m and t != tokenizer.eos_token_id]
+        texts.append(tokenizer.decode(ids))
+    return texts
+
+
+def thought(text: str) -> bool:
+    """The rollout wrote something inside its think block."""
+    if THINK_OPEN not in text:
+        return False
+    inside = text.split(THINK_OPEN, 1)[1].split(THINK_CLOSE, 1)[0]
+    return bool(inside.strip())
+
+
+def policy_forward(model, items, prompt_ids, rollouts, image_id, pad_id):
+    """Hidden states that predict each completion token: ``[R, N, D]`` (gradients reach vision, projector, LLM)."""
+    R, N = rollouts.completions.shape
+    lens = [len(prompt_ids[p]) for p in rollouts.prompt_index.tolist()]
+    width = max(lens) + N
+    ids = torch.full((R, width), pad_id, dtype=torch.int64)
+    attn = torch.zeros(R, width, dtype=torch.int64)
+    for r, p in enumerate(rollouts.prompt_index.tolist()):
+        n = lens[r]
+        ids[r, :n] = torch.tensor(prompt_ids[p])
+        ids[r, n : n + N] = rollouts.completions[r]
+        attn[r, :n] = 1
+        attn[r, n : n + N] = rollouts.completion_mask[r].long()
+    feats = image_embeddings(model, torch.stack([it.image() for it in items]))  # [P * n_img, D], with grad
+    per_image = feats.shape[0] // len(items)
+    row_feats = feats.view(len(items), per_image, -1)[rollouts.prompt_index].reshape(-1, feats.shape[-1])
+    in_prompt = torch.arange(width)[None, :] < torch.tensor(lens)[:, None]  # a sampled <image> is just a token
+    embeds = model.get_input_embeddings()(ids)
+    embeds = embeds.masked_scatter(((ids == image_id) & in_prompt)[..., None], row_feats.to(embeds.dtype))
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attn).last_hidden_state
+    index = torch.tensor(lens)[:, None] - 1 + torch.arange(N)[None, :]  # position t predicts token t + 1
+    return hidden.gather(1, index[..., None].expand(R, N, hidden.shape[-1]))
+
+
+@torch.no_grad()
+def evaluate_auto(model, tokenizer, tokens: ModeTokens, items: list[Item], n_img: int, max_new_tokens: int,
+                  temperature: float = 1.0, seed: int = 0):
+    """Auto-mode rollouts on held-out items: accuracy and think rate on easy and hard items.
+
+    Sampled (``temperature``, the same seed at every evaluation) rather than greedy, so that the think rate measures
+    how likely the policy is to think, not only which way its most likely token goes.
+    """
+    prompt_ids = [tokenizer(prompt_text(it, n_img), add_special_tokens=False)["input_ids"] for it in items]
+    rollouts = generate_rollouts(
+        model, prompt_ids, [[Mode.AUTO]] * len(items), think_open_ids=tokens.think_open, no_think_ids=tokens.no_think,
+        think_close_ids=tokens.think_close, auto_ids=tokens.auto, eos_id=tokens.eos, pad_id=tokens.pad,
+        max_new_tokens=max_new_tokens, temperature=temperature, generator=torch.Generator().manual_seed(seed),
+        prompt_embeds=prompt_embeddings(model, prompt_ids, items, tokens.image),
+    )  # fmt: skip
+    texts = completion_texts(tokenizer, rollouts)
+    metrics = {}
+    for hard, name in ((False, "easy"), (True, "hard")):
+        rows = [(t, it) for t, it in zip(texts, items) if it.hard == hard]
+        if rows:
+            metrics[f"eval/acc_auto_{name}"] = sum(accuracy_reward(t, it.answer) for t, it in rows) / len(rows)
+            metrics[f"eval/think_rate_{name}"] = sum(thought(t) for t, _ in rows) / len(rows)
+    return metrics
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m r4b_fast.training.bpo", description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="annealed model folder (default: shipped tiny)")
+    p.add_argument("--algo", choices=("bpo", "grpo"), default="bpo")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    p.add_argument("--g", type=int, default=4, help="rollouts per mode per prompt (2g per group)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--ppo-epochs", type=int, default=1)
+    p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per PPO epoch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per mini-batch")
+    p.add_argument("--clip", type=float, default=0.2)
+    p.add_argument("--beta", type=float, default=0.0, help="k3 KL to the frozen initial model (0: no reference)")
+    p.add_argument("--hard-fraction", type=float, default=0.5)
+    p.add_argument("--eval-items", type=int, default=64)
+    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--save-every", type=int, default=20)
+    p.add_argument("--log-every", type=int, default=5, help="print a metrics line every N steps")
+    p.add_argument("--on-reward-error", choices=("raise", "skip"), default="raise")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", type=Path, default=Path("runs/bpo"))
+    p.add_argument("--plot", action="store_true", help="draw curves.png at the end")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: die like a kill
+    args = p.parse_args(argv)
+    for name in ("steps", "prompts", "g", "max_new_tokens", "ppo_epochs", "mini_batches", "grad_accum", "log_every",
+                 "save_every", "eval_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.prompts * 2 * args.g % (args.mini_batches * args.grad_accum):
+        p.error("--mini-batches x --grad-accum must divide the rollouts per step (prompts x 2g)")
+    if not args.model.exists():
+        p.error(f"--model: {args.model} does not exist (run `python -m r4b_fast.training.annealing` to make one)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m r4b_fast.training.bpo", description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=64, help="prompts in the synthetic batch")
-    parser.add_argument("--group-size", type=int, default=8, help="g: rollouts per mode per prompt (2g per group)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.prompts < 1 or args.group_size < 1:
-        parser.error("--prompts and --group-size must be positive")
+    args = parse_args(argv)
+    set_seed(args.seed)
+    model, tokenizer = load_policy(args.model)
+    model.train()
+    tokens = ModeTokens.from_tokenizer(tokenizer)
+    n_img = num_image_tokens(model)
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    start_step = 0
+    checkpoint_dir = args.output_dir / "checkpoint"
+    if args.resume:
+        start_step = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)["step"]
+        print(f"resumed from {checkpoint_dir} at step {start_step}")
+    logger = MetricsLogger(args.output_dir)
+    eval_items = sample_items(args.eval_items, args.seed + 10_000, args.hard_fraction)
+    group = 2 * args.g
+    rollout_modes = bpo_modes(args.g) if args.algo == "bpo" else [int(Mode.AUTO)] * group
+    print(f"{args.algo}: {args.steps} steps x {args.prompts} prompts x {group} rollouts, model {args.model}")
+    if start_step == 0 and args.eval_items:
+        before = evaluate_auto(model, tokenizer, tokens, eval_items, n_img, args.max_new_tokens, args.temperature,
+                               args.seed)
+        logger.log(0, before)
+        print("before: " + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in sorted(before.items())))
+    for step in tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc=args.algo, disable=None):
+        t0 = time.perf_counter()
+        # data position = step: the prompts and the sampling noise of a step depend on (seed, step) only
+        items = sample_items(args.prompts, args.seed * 1_000_003 + step, args.hard_fraction)
+        gen = torch.Generator().manual_seed(args.seed * 7_000_003 + step)
+        prompt_ids = [tokenizer(prompt_text(it, n_img), add_special_tokens=False)["input_ids"] for it in items]
+        model.eval()
+        with torch.no_grad():
+            rollouts = generate_rollouts(
+                model, prompt_ids, [rollout_modes] * len(items), think_open_ids=tokens.think_open,
+                no_think_ids=tokens.no_think, think_close_ids=tokens.think_close, auto_ids=tokens.auto,
+                eos_id=tokens.eos, pad_id=tokens.pad, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, generator=gen,
+                prompt_embeds=prompt_embeddings(model, prompt_ids, items, tokens.image),
+            )  # fmt: skip
+        model.train()
+        t_rollout = time.perf_counter() - t0
+        texts = completion_texts(tokenizer, rollouts)
+        answers = [items[p].answer for p in rollouts.prompt_index.tolist()]
+        report = compute_rewards(texts, answers, accuracy_reward, on_error=args.on_reward_error)
+        for row, err in report.failures:
+            print(f"step {step + 1}: reward failed for rollout {row} ({err}); it is excluded", file=sys.stderr)
+        rewards = torch.tensor(report.rewards)
+        # classify auto rollouts by what they did, so that per-mode statistics mean the same in both algorithms
+        modes = rollouts.modes.clone()
+        if args.algo == "grpo":
+            modes = torch.tensor([int(Mode.THINK if thought(t) else Mode.NO_THINK) for t in texts])
+        adv = group_advantages(rewards, group, modes=modes, estimator="bpo" if args.algo == "bpo" else "grpo",
+                               nonfinite="zero")
+        mask = rollouts.policy_mask
+        ref_logprobs = None
+        if reference is not None:
+            with torch.no_grad():
+                ref_hidden = policy_forward(reference, items, prompt_ids, rollouts, tokens.image, tokens.pad)
+                ref_logprobs = fused_linear_logprobs(ref_hidden.flatten(0, 1), reference.lm_head.weight,
+                                                     rollouts.completions.flatten(),
+                                                     temperature=args.temperature).view(mask.shape)
+        rows = torch.arange(mask.shape[0])
+        metrics_acc: dict[str, list[float]] = {}
+        for _epoch in range(args.ppo_epochs):
+            for mb in rows.chunk(args.mini_batches):
+                optimizer.zero_grad(set_to_none=True)
+                mb_tokens = mask[mb].sum().clamp_min(1)  # global token normaliser over the micro-batches
+                for micro in mb.chunk(args.grad_accum):
+                    sub = _select(rollouts, micro)
+                    sub_items_idx = sorted(set(sub.prompt_index.tolist()))
+                    remap = {p: i for i, p in enumerate(sub_items_idx)}
+                    sub.prompt_index = torch.tensor([remap[p] for p in sub.prompt_index.tolist()])
+                    hidden = policy_forward(model, [items[p] for p in sub_items_idx],
+                                            [prompt_ids[p] for p in sub_items_idx], sub, tokens.image, tokens.pad)
+                    loss, m = fused_linear_policy_loss(
+                        hidden, model.lm_head.weight, sub.completions, adv.advantages[micro], mask[micro],
+                        old_logprobs=rollouts.logprobs[micro],
+                        ref_logprobs=None if ref_logprobs is None else ref_logprobs[micro], beta=args.beta,
+                        clip_low=args.clip, clip_high=args.clip, temperature=args.temperature,
+                        aggregation="token-mean", normaliser=mb_tokens,
+                    )  # fmt: skip
+                    loss.backward()
+                    for k, v in {"loss": loss, **m}.items():
+                        metrics_acc.setdefault(k, []).append(float(v.detach()))
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+        elapsed = time.perf_counter() - t0
+        lengths = rollouts.lengths.float()
+        record = {k: sum(v) / len(v) for k, v in metrics_acc.items()}
+        record["loss"] = sum(metrics_acc["loss"]) / args.ppo_epochs / args.mini_batches
+        for mode in (Mode.THINK, Mode.NO_THINK):
+            sel = modes == int(mode)
+            name = mode.name.lower()
+            if sel.any():
+                record[f"reward/{name}"] = float(adv.mode_mean_overall[int(mode)])
+                record[f"length/{name}"] = float(lengths[sel].mean())
+        record["reward/all"] = float(rewards.nan_to_num(0).mean())
+        record["zero_signal_groups"] = int(adv.zero_signal_groups)
+        record["tokens_per_s"] = float(rollouts.lengths.sum()) / elapsed
+        record["rollout_s"], record["step_s"] = t_rollout, elapsed
+        if args.eval_items and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            record.update(evaluate_auto(model, tokenizer, tokens, eval_items, n_img, args.max_new_tokens,
+                                        args.temperature, args.seed))
+        logger.log(step + 1, record)
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            shown = {k: v for k, v in record.items() if k.startswith(("reward/", "eval/", "length/")) or k == "kl"}
+            tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.3g}" for k, v in shown.items())
+                       + f" ({elapsed:.1f} s/step)")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step + 1)
+        if args.stop_after is not None and step + 1 == args.stop_after:
+            os._exit(3)  # no cleanup: what a kill leaves behind
+    logger.close()
+    final = {k: v for k, v in record.items() if k.startswith("eval/")} if args.steps > start_step else {}
+    if final:
+        print("after:  " + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in sorted(final.items())))
+    model.save_pretrained(args.output_dir / "model")
+    tokenizer.save_pretrained(args.output_dir / "model")
+    if args.plot:
+        from r4b_fast.training.plot import plot_run
 
-    gen = torch.Generator().manual_seed(args.seed)
-    g = args.group_size
-    # Synthetic accuracy rewards: thinking rollouts succeed more often on "hard" prompts (odd ids).
-    hard = (torch.arange(args.prompts) % 2 == 1).repeat_interleave(2 * g)
-    modes = torch.tensor([Mode.THINK] * g + [Mode.NO_THINK] * g).repeat(args.prompts)
-    p_correct = torch.where(hard, torch.where(modes == Mode.THINK, 0.9, 0.4), 0.95)
-    rewards = torch.bernoulli(p_correct, generator=gen)
-
-    ref_adv, _ = r4b_fast.group_advantages_ref(
-        rewards, torch.arange(rewards.numel()) // (2 * g), args.prompts, modes, estimator="bpo"
-    )
-    print(f"r4b_fast {r4b_fast.__version__}: BPO advantages on a synthetic batch of {args.prompts} prompts x {2 * g}")
-    for backend in r4b_fast.available_backends("cpu"):
-        out = r4b_fast.group_advantages(rewards, 2 * g, modes=modes, estimator="bpo", backend=backend)
-        err = (out.advantages.double() - ref_adv).abs().max().item()
-        print(f"  backend={backend}: max |adv - reference| = {err:.2e}")
-        if err > 1e-5:
-            print("  mismatch against the reference", file=sys.stderr)
-            return 1
-    print(
-        f"  reward per mode: think {out.mode_mean_overall[Mode.THINK]:.3f}, "
-        f"no-think {out.mode_mean_overall[Mode.NO_THINK]:.3f}; zero-signal groups: {int(out.zero_signal_groups)}"
-        f" of {args.prompts}"
-    )
-    print(NOT_BUILT)
+        print(f"curves: {plot_run(args.output_dir)}")
     return 0
+
+
+def _select(rollouts, rows: torch.Tensor):
+    """The rollouts of ``rows`` (a shallow copy with every per-row tensor indexed)."""
+    out = copy.copy(rollouts)
+    for field in ("completions", "completion_mask", "forced_mask", "logprobs", "modes", "prompt_index", "lengths",
+                  "think_opened", "think_closed", "finished"):
+        setattr(out, field, getattr(rollouts, field)[rows])
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,254 @@
+// Sort-free sampling (temperature / top-k / top-p / min-p), one thread block per row.
+// Same contract and algorithm as kernels/sampling.py: e = exp(x - max x) with x = logits / T; (1) max and
+// log-sum-exp, (2) top-k threshold t_k = largest t with count(e >= t) >= k, (3) top-p threshold t_p = largest t with
+// sum(e; e >= t, e >= t_k) >= top_p * mass_k, both by a 16-pivot search on the float32 bit pattern of t (8 passes,
+// exact), (4) inverse CDF in vocabulary order with the row's uniform (block scan, stops at the hit).
+// C ABI for ctypes (r4b_fast/_cuda_build.py); returns a cudaError_t.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <cub/block/block_scan.cuh>
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kPivots = 16;
+constexpr int kSteps = 8;  // ceil(30 / log2(kPivots)): bit patterns of [0, 1] span < 2^30
+constexpr int32_t kOneBits = 0x3F800000;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ long long warp_min_ll(long long v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    long long other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = other < v ? other : v;
+  }
+  return v;
+}
+
+// Block-wide reductions through shared memory; every thread gets the result.
+__device__ float block_sum(float v, float* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += smem[w];
+  return total;
+}
+__device__ float block_max(float v, float* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  float r = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) r = fmaxf(r, smem[w]);
+  return r;
+}
+__device__ long long block_min_ll(long long v, long long* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_min_ll(v);
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  long long r = smem[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) r = smem[w] < r ? smem[w] : r;
+  return r;
+}
+// Sums kPivots per-thread values across the block; out[j] for every thread.
+__device__ void block_sum_array(float (&v)[kPivots], float* smem /* kWarps * kPivots */, float (&out)[kPivots]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int j = 0; j < kPivots; ++j) v[j] = warp_sum(v[j]);
+  __syncthreads();
+  if (lane == 0) {
+#pragma unroll
+    for (int j = 0; j < kPivots; ++j) smem[warp * kPivots + j] = v[j];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < kPivots; ++j) {
+    float s = 0.f;
+    for (int w = 0; w < kWarps; ++w) s += smem[w * kPivots + j];
+    out[j] = s;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float row_e(const T* base, int64_t i, float inv, float m) {
+  return expf(to_float(base[i]) * inv - m);  // accurate: exp(0) == 1 exactly at the max (greedy relies on it)
+}
+
+// Largest t in [0, 1] with count(e >= t) >= need (mass = false) or sum(e; e >= t, e >= floor) >= need (mass = true).
+template <typename T>
+__device__ float threshold_search(const T* base, int64_t V, float inv, float m, float floor_t, float need, bool mass,
+                                  float* smem) {
+  long long lo = 0, hi = static_cast<long long>(kOneBits) + 1;
+  for (int step = 0; step < kSteps; ++step) {
+    float tpiv[kPivots], acc[kPivots], tot[kPivots];
+#pragma unroll
+    for (int j = 0; j < kPivots; ++j) {
+      tpiv[j] = __int_as_float(static_cast<int32_t>(lo + ((hi - lo) * j) / kPivots));
+      acc[j] = 0.f;
+    }
+    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+      const float e = row_e(base, i, inv, m);
+      if (e <= 0.f || (mass && e < floor_t)) continue;
+      const float add = mass ? e : 1.f;
+#pragma unroll
+      for (int j = 0; j < kPivots; ++j) acc[j] += e >= tpiv[j] ? add : 0.f;
+    }
+    block_sum_array(acc, smem, tot);
+    long long new_lo = lo, new_hi = hi;
+#pragma unroll
+    for (int j = 1; j < kPivots; ++j) {  // pivot 0 is lo, which satisfies the predicate
+      const long long p = lo + ((hi - lo) * j) / kPivots;
+      if (tot[j] >= need) {
+        new_lo = p > new_lo ? p : new_lo;
+      } else {
+        new_hi = p < new_hi ? p : new_hi;
+      }
+    }
+    lo = new_lo;
+    hi = new_hi;
+  }
+  return __int_as_float(static_cast<int32_t>(lo));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    sample_kernel(const T* __restrict__ logits, int64_t stride, int64_t V, const float* __restrict__ temperature,
+                  const int64_t* __restrict__ top_k, const float* __restrict__ top_p, const float* __restrict__ min_p,
+                  const float* __restrict__ uniforms, int64_t* __restrict__ tokens, float* __restrict__ logprobs,
+                  float* __restrict__ lse_out) {
+  __shared__ float smem[kWarps * kPivots];
+  __shared__ long long smem_ll[kWarps];
+  using BlockScan = cub::BlockScan<float, kThreads>;
+  __shared__ typename BlockScan::TempStorage scan_storage;
+
+  const int64_t row = blockIdx.x;
+  const T* base = logits + row * stride;
+  const float temp = temperature[row];
+  const bool greedy = temp == 0.f;
+  const float inv = 1.f / (greedy ? 1.f : temp);
+  const int64_t k = top_k[row];
+  const float P = top_p[row];
+
+  float m = -INFINITY;
+  for (int64_t i = threadIdx.x; i < V; i += kThreads) m = fmaxf(m, to_float(base[i]) * inv);
+  m = block_max(m, smem);
+  float s = 0.f;
+  for (int64_t i = threadIdx.x; i < V; i += kThreads) s += row_e(base, i, inv, m);
+  const float lse = m + logf(block_sum(s, smem));
+
+  float t_k = 0.f;
+  if (k > 0 && k < V) t_k = threshold_search(base, V, inv, m, 0.f, static_cast<float>(k), false, smem);
+  float t_p = 0.f;
+  if (P < 1.f) {
+    float mk = 0.f;
+    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+      const float e = row_e(base, i, inv, m);
+      mk += e >= t_k ? e : 0.f;
+    }
+    mk = block_sum(mk, smem);
+    t_p = threshold_search(base, V, inv, m, t_k, P * mk, true, smem);
+  }
+  float thr = fmaxf(fmaxf(t_k, t_p), min_p[row]);
+  if (greedy) thr = 1.f;  // e == 1 exactly at the max: the first maximum
+
+  float wsum = 0.f;
+  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+    const float e = row_e(base, i, inv, m);
+    wsum += e >= thr ? e : 0.f;
+  }
+  wsum = block_sum(wsum, smem);
+  const float target = greedy ? 0.f : uniforms[row] * wsum;
+  float running = 0.f;
+  long long found = V, last = -1;
+  for (int64_t off = 0; off < V; off += kThreads) {
+    const int64_t i = off + threadIdx.x;
+    float w = 0.f;
+    if (i < V) {
+      const float e = row_e(base, i, inv, m);
+      w = e >= thr ? e : 0.f;
+    }
+    float c;
+    float tile = 0.f;
+    __syncthreads();
+    BlockScan(scan_storage).InclusiveSum(w, c, tile);
+    c += running;
+    const bool hit = c > target && w > 0.f;
+    found = block_min_ll(hit ? static_cast<long long>(i) : static_cast<long long>(V), smem_ll);
+    const long long my_last = w > 0.f ? static_cast<long long>(i) : static_cast<long long>(V);
+    // the last kept index so far: track the max through a min of (V - 1 - i)
+    const long long rev = block_min_ll(my_last < V ? V - 1 - my_last : V, smem_ll);
+    if (rev < V) last = V - 1 - rev > last ? V - 1 - rev : last;
+    running += tile;
+    if (found < V) break;  // block-uniform: every thread saw the same reduction
+  }
+  if (threadIdx.x == 0) {
+    const long long tok = found < V ? found : last;
+    tokens[row] = tok;
+    logprobs[row] = to_float(base[tok]) * inv - lse;
+    lse_out[row] = lse;
+  }
+}
+
+template <typename T>
+int launch(const void* logits, int64_t rows, int64_t V, int64_t stride, const void* temperature, const void* top_k,
+           const void* top_p, const void* min_p, const void* uniforms, void* tokens, void* logprobs, void* lse,
+           void* stream) {
+  if (rows <= 0) return 0;
+  sample_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<const T*>(logits), stride, V, static_cast<const float*>(temperature),
+      static_cast<const int64_t*>(top_k), static_cast<const float*>(top_p), static_cast<const float*>(min_p),
+      static_cast<const float*>(uniforms), static_cast<int64_t*>(tokens), static_cast<float*>(logprobs),
+      static_cast<float*>(lse));
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+extern "C" {
+
+// logits [rows, V] (row stride `stride` elements) of dtype 0 float32, 1 bfloat16, 2 float16; per-row temperature,
+// top_p, min_p, uniforms float32, top_k int64; outputs tokens int64, logprobs float32, lse float32.
+int r4b_sample(const void* logits, int dtype, int64_t rows, int64_t V, int64_t stride, const void* temperature,
+               const void* top_k, const void* top_p, const void* min_p, const void* uniforms, void* tokens,
+               void* logprobs, void* lse, void* stream) {
+  switch (dtype) {
+    case 0:
+      return launch<float>(logits, rows, V, stride, temperature, top_k, top_p, min_p, uniforms, tokens, logprobs, lse,
+                           stream);
+    case 1:
+      return launch<__nv_bfloat16>(logits, rows, V, stride, temperature, top_k, top_p, min_p, uniforms, tokens,
+                                   logprobs, lse, stream);
+    case 2:
+      return launch<__half>(logits, rows, V, stride, temperature, top_k, top_p, min_p, uniforms, tokens, logprobs,
+                            lse, stream);
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+const char* r4b_cuda_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
+
+}  // extern "C"

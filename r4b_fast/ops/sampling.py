@@ -1,0 +1,660 @@
+"""Fused, sync-free token sampling (temperature / top-k / top-p / min-p) and R-4B mode control for rollouts.
+
+Implementations, by name:
+- ``filtered_probs_ref`` / ``sample_ref``: the transformers/vLLM pattern, eager fp32: a full sort of the vocabulary,
+  cumulative sums for top-p, ``torch.multinomial``. The oracle of the frequency tests and the benchmark baseline.
+  ``ModeProcessorRef`` is the matching host-side Python loop per row per step (forced prefixes, thinking budget).
+- ``_sample_torch``: no sort of the vocabulary. ``torch.topk`` on a bounded candidate set (``CANDIDATES`` tokens)
+  finds the top-k / top-p thresholds exactly when the nucleus fits in it (the usual case for LLM logits); rows whose
+  nucleus does not fit fall back to an exact bisection on the float32 bit pattern of the probability threshold
+  (31 passes) over the full vocabulary. On CPU only those rows take the fallback; on other devices every row
+  computes it (``torch.where``), so there is no host sync. The CPU path.
+- triton: ``kernels/sampling.py``, one program per row: an online max / log-sum-exp pass, a 16-pivot search on the
+  float32 bit pattern for the top-k count and top-p mass thresholds (8 passes each, exact, no sort), then an
+  inverse-CDF scan in vocabulary order.
+- cuda: ``csrc/sampling.cu``, one thread block per row, the same passes as the Triton kernel (block reductions,
+  a cub block scan for the inverse CDF that stops at the hit). Compiled by CI; numerically tested only where a GPU
+  is present.
+
+Semantics (every backend):
+- ``x = logits / T`` (rows with ``T == 0`` are greedy: ``argmax(logits)``, first index on ties), ``p = softmax(x)``.
+- Filters in transformers' order: top-k keeps ``p >= (k-th largest p)`` (ties at the boundary are kept); top-p keeps,
+  among those, the smallest set of most probable tokens whose mass reaches ``top_p`` of the top-k mass (threshold
+  semantics: ties kept); min-p keeps ``p >= min_p * max(p)`` (invariant to the order). The token is drawn from the
+  kept tokens renormalised, by inverse CDF with one uniform per row drawn from ``generator``
+  (``torch.rand(B, generator=generator)``), walking the CDF in vocabulary order: same generator state -> same
+  tokens, and the backends agree token for token up to float rounding at a CDF boundary (sums in different orders).
+- Returned log-probs are ``log_softmax(logits / T)[token]`` of the temperature-scaled **unfiltered** distribution
+  (as TRL and vLLM use for ``old_logprobs``: the training forward recomputes exactly this quantity). Greedy rows
+  (``T == 0``) report ``log_softmax(logits)[token]`` (``T = 1``).
+
+Mode control (R-4B): :class:`ModeState` holds per-row device tensors (mode, forced-token queue and pointer, thinking
+budget and counter, phase, finished flag); :func:`sample_with_modes` samples and advances it with no host sync.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from r4b_fast.backends import resolve_backend
+from r4b_fast.modes import Mode
+
+OP_BACKENDS = ("torch", "triton", "cuda")
+PREFERRED = {"cpu": ("torch",), "cuda": ("triton", "cuda", "torch")}
+CANDIDATES = 1024  # torch backend: top-k candidates per row in which thresholds are searched first
+_BISECT_STEPS = 31  # float32 bit patterns of probabilities in [0, 1] span < 2^30: 31 halvings are exact
+_ONE_BITS = 0x3F800000  # bits of 1.0f
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference: sort-based filtering + multinomial, and the host-side mode processor (the transformers/vLLM pattern).
+# ----------------------------------------------------------------------------------------------------------------
+def filtered_probs_ref(logits, temperature, top_k, top_p, min_p) -> torch.Tensor:
+    """The distribution :func:`sample` draws from, by sorting: ``[B, V]`` float64 probabilities.
+
+    Per-row parameters as ``[B]`` tensors (``top_k`` 0 = off). Greedy rows (``T == 0``) put mass 1 on the argmax.
+    """
+    x = logits.double()
+    B, V = x.shape
+    t = temperature.double()
+    greedy = t == 0
+    x = x / torch.where(greedy, 1.0, t)[:, None]
+    p = torch.softmax(x, dim=-1)
+    sp, si = torch.sort(p, dim=-1, descending=True)
+    keep_sorted = torch.ones_like(sp, dtype=torch.bool)
+    k = torch.where(top_k > 0, top_k, V).clamp(max=V)
+    kth = sp.gather(1, (k - 1)[:, None])
+    keep_sorted &= sp >= kth  # top-k, ties kept
+    masked = torch.where(keep_sorted, sp, 0)
+    cum = masked.cumsum(-1)
+    target = top_p.double()[:, None] * masked.sum(-1, keepdim=True)
+    # the first sorted position whose inclusive cumulative mass reaches the target gives the threshold value
+    first = torch.searchsorted(cum, target * (1 - 1e-12)).clamp(max=V - 1)  # tolerance: float64 sums of float32
+    thr_p = sp.gather(1, first)
+    keep_sorted &= sp >= thr_p
+    keep_sorted &= sp >= min_p.double()[:, None] * sp[:, :1]
+    keep = torch.zeros_like(keep_sorted).scatter_(1, si, keep_sorted)
+    q = torch.where(keep, p, 0)
+    q = q / q.sum(-1, keepdim=True)
+    onehot = torch.zeros_like(q).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+    return torch.where(greedy[:, None], onehot, q)
+
+
+def sample_ref(logits, temperature, top_k, top_p, min_p, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort-based sampling (filtered_probs_ref + ``torch.multinomial``): ``(tokens [B] int64, logprobs [B] fp32)``."""
+    q = filtered_probs_ref(logits, temperature, top_k, top_p, min_p)
+    tokens = torch.multinomial(q.float(), 1, generator=generator)[:, 0]
+    t = torch.where(temperature == 0, 1.0, temperature.float())
+    logprobs = torch.log_softmax(logits.float() / t[:, None], -1).gather(1, tokens[:, None])[:, 0]
+    return tokens, logprobs
+
+
+class ModeProcessorRef:
+    """The host-side pattern of engines: a Python loop per row per step over lists (oracle of the mode tests).
+
+    ``step(sampled)`` takes the freely sampled token of every row (a list) and returns the tokens actually emitted.
+    Same rules as :func:`sample_with_modes`.
+    """
+
+    def __init__(self, modes, think_open_ids, no_think_ids, think_close_ids, *, budget=None, eos_id, pad_id,
+                 auto_ids=(), think_start_id=None, think_end_id=None):  # fmt: skip
+        prefix = {Mode.THINK: list(think_open_ids), Mode.NO_THINK: list(no_think_ids), Mode.AUTO: list(auto_ids)}
+        self.queue = [list(prefix[Mode(int(m))]) for m in modes]
+        self.close = list(think_close_ids)
+        n = len(self.queue)
+        self.budget = [budget] * n if budget is None or isinstance(budget, int) else [int(b) for b in budget]
+        self.start = think_open_ids[0] if think_start_id is None else think_start_id
+        self.end = _default_end_id(think_open_ids, think_close_ids) if think_end_id is None else think_end_id
+        self.eos, self.pad = eos_id, pad_id
+        self.in_think = [False] * n
+        self.opened = [False] * n
+        self.closed = [False] * n
+        self.count = [0] * n
+        self.finished = [False] * n
+        self.forced = [False] * n
+        self.closing = [False] * n
+
+    def step(self, sampled: list[int]) -> list[int]:
+        out = []
+        for i, s in enumerate(sampled):
+            self.forced[i] = False
+            if self.finished[i]:
+                out.append(self.pad)
+                continue
+            b = self.budget[i]
+            if not self.queue[i] and self.in_think[i] and b is not None and b >= 0 and self.count[i] >= b:
+                self.queue[i] = list(self.close)
+                self.closing[i] = True
+            if self.queue[i]:
+                tok = self.queue[i].pop(0)
+                self.forced[i] = True
+                if self.closing[i] and not self.queue[i]:  # the close sequence ends the think block
+                    self.closing[i] = self.in_think[i] = False
+                    self.closed[i] = True
+            else:
+                tok = s
+                if self.in_think[i]:
+                    self.count[i] += 1
+            if tok == self.start and not self.opened[i]:
+                self.opened[i] = self.in_think[i] = True
+            elif tok == self.end and self.in_think[i]:
+                self.in_think[i] = False
+                self.closed[i] = True
+            if tok == self.eos:
+                self.finished[i] = True
+            out.append(tok)
+        return out
+
+
+def _default_end_id(think_open_ids, think_close_ids) -> int:
+    """The token that closes a think block: the first id of the close sequence that is not in the open sequence
+    (``"\\n</think>\\n\\n"`` -> ``"</think>"``)."""
+    for t in think_close_ids:
+        if t not in think_open_ids:
+            return int(t)
+    return int(think_close_ids[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch backend
+# ----------------------------------------------------------------------------------------------------------------
+def _bisect_threshold(e: torch.Tensor, pred) -> torch.Tensor:
+    """Largest float32 ``t`` in [0, 1] with ``pred(e >= t)`` true, per row, by bisection on the bit pattern (exact).
+
+    ``pred(mask [b, V]) -> [b] bool`` must be monotone (true at t = 0)."""
+    lo = torch.zeros(e.shape[0], dtype=torch.int32, device=e.device)
+    hi = torch.full_like(lo, _ONE_BITS + 1)
+    for _ in range(_BISECT_STEPS):
+        mid = lo + (hi - lo) // 2
+        ok = pred(e >= mid.view(torch.float32)[:, None])
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid)
+    return lo.view(torch.float32)
+
+
+def _full_vocab_rows(x, m, top_k, top_p, min_p, u):
+    """Exact thresholds by bisection over the full rows, then inverse CDF in vocabulary order: tokens [b]."""
+    e = torch.exp(x - m[:, None])  # max 1
+    V = e.shape[1]
+    topk_on = (top_k > 0) & (top_k < V)
+    k = torch.where(topk_on, top_k, V)
+    t_k = _bisect_threshold(e, lambda keep: keep.sum(1) >= k)
+    t_k = torch.where(topk_on, t_k, 0.0)
+    e_k = torch.where(e >= t_k[:, None], e, 0)
+    target = top_p * e_k.sum(1)
+    t_p = _bisect_threshold(e_k, lambda keep: torch.where(keep, e_k, 0).sum(1) >= target)
+    t_p = torch.where(top_p < 1, t_p, 0.0)
+    thr = torch.maximum(torch.maximum(t_k, t_p), min_p)
+    w = torch.where(e >= thr[:, None], e, 0)
+    cum = w.cumsum(1)
+    idx = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0]
+    # never a zero-mass token: clamp to the last kept index
+    last = V - 1 - torch.flip(w > 0, [1]).to(torch.int8).argmax(1)
+    return torch.minimum(idx, last)
+
+
+def _sample_torch(logits, temperature, top_k, top_p, min_p, u, candidates):
+    B, V = logits.shape
+    greedy = temperature == 0
+    t = torch.where(greedy, 1.0, temperature)
+    x = logits.float() / t[:, None]  # three passes over [B, V]: this, topk and logsumexp
+    lse = torch.logsumexp(x, 1)
+    K = min(V, candidates)
+    cv, ci = torch.topk(x, K, dim=1)  # sorted, descending
+    m = cv[:, 0]
+    ce = torch.exp(cv - m[:, None])
+    # top-k threshold inside the candidates (exact when k <= K)
+    topk_on = (top_k > 0) & (top_k < V)
+    k = torch.where(topk_on, top_k, V)
+    k_fits = (k <= K) | ~topk_on
+    t_k = torch.where(topk_on, ce.gather(1, (k.clamp(max=K) - 1)[:, None])[:, 0], 0.0)
+    ce_k = torch.where(ce >= t_k[:, None], ce, 0)
+    # top-k mass: the full-vocabulary sum when top-k is off (exp(lse - m)), else the candidates' (ties at the
+    # boundary beyond the candidates are handled by the full-vocabulary path below)
+    mass_k = torch.where(topk_on, ce_k.sum(1), torch.exp(lse - m))
+    cum = ce_k.cumsum(1)
+    target = top_p * mass_k
+    first = torch.searchsorted(cum, target[:, None])[:, 0]
+    p_fits = (first < K) | (top_p >= 1)
+    t_p = torch.where(top_p < 1, ce.gather(1, first.clamp(max=K - 1)[:, None])[:, 0], 0.0)
+    thr = torch.maximum(torch.maximum(t_k, t_p), min_p)
+    # candidates suffice when the thresholds were found and no token outside them can reach the threshold
+    fits = k_fits & p_fits & ((thr > ce[:, -1]) | (K == V))
+    # inverse CDF in vocabulary order (as the kernels and the fallback): sort the K candidates by token id
+    by_id = ci.argsort(1)
+    ci_v = ci.gather(1, by_id)
+    ce_v = ce.gather(1, by_id)
+    w = torch.where(ce_v >= thr[:, None], ce_v, 0)
+    wc = w.cumsum(1)
+    j = torch.searchsorted(wc, (u * wc[:, -1])[:, None], right=True)[:, 0]
+    last = K - 1 - torch.flip(w > 0, [1]).to(torch.int8).argmax(1)
+    tokens = ci_v.gather(1, torch.minimum(j, last)[:, None])[:, 0]
+    if x.device.type == "cpu":  # host reads are free on CPU: only the rows that need it take the slow path
+        rows = torch.nonzero(~fits & ~greedy)[:, 0]
+        if rows.numel():
+            tokens[rows] = _full_vocab_rows(x[rows], m[rows], top_k[rows], top_p[rows], min_p[rows], u[rows])
+    elif K < V:  # no host sync: compute for every row, select
+        full = _full_vocab_rows(x, m, top_k, top_p, min_p, u)
+        tokens = torch.where(fits, tokens, full)
+    # greedy: the first maximum (as argmax), from the candidates unless exact ties at the max fill all of them
+    first_max = torch.where(cv == m[:, None], ci, V).amin(1)
+    if K < V:
+        ties_fill = greedy & (cv[:, -1] == m)
+        if x.device.type != "cpu" or bool(ties_fill.any()):
+            first_max = torch.where(ties_fill, x.argmax(1), first_max)
+    tokens = torch.where(greedy, first_max, tokens)
+    logprobs = x.gather(1, tokens[:, None])[:, 0] - lse
+    return tokens, logprobs, lse
+
+
+def _launch_sample_cuda(logits, temperature, top_k, top_p, min_p, uniforms):
+    import ctypes
+
+    from r4b_fast import _cuda_build
+
+    codes = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+    if logits.dtype not in codes:
+        logits = logits.float()
+    logits = logits.contiguous()
+    B, V = logits.shape
+    tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(B, dtype=torch.float32, device=logits.device)
+    params = [temperature.float().contiguous(), top_k.contiguous(), top_p.float().contiguous(),
+              min_p.float().contiguous(), uniforms.float().contiguous()]  # fmt: skip
+    lib = _cuda_build.load_library("sampling")
+    lib.r4b_sample.restype = ctypes.c_int
+
+    def ptr(t):
+        return ctypes.c_void_p(t.data_ptr())
+
+    stream = torch.cuda.current_stream(logits.device).cuda_stream
+    err = lib.r4b_sample(
+        ptr(logits), ctypes.c_int(codes[logits.dtype]), ctypes.c_int64(B), ctypes.c_int64(V),
+        ctypes.c_int64(logits.stride(0)), *[ptr(p) for p in params], ptr(tokens), ptr(logprobs), ptr(lse),
+        ctypes.c_void_p(stream),
+    )  # fmt: skip
+    if err != 0:
+        lib.r4b_cuda_error_string.restype = ctypes.c_char_p
+        raise RuntimeError(f"sample cuda kernel failed: {lib.r4b_cuda_error_string(err).decode()}")
+    return tokens, logprobs, lse
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library op
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("r4b_fast::sample", mutates_args=())
+def _sample_op(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    uniforms: torch.Tensor,
+    candidates: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from r4b_fast.kernels.sampling import launch_sample
+
+        return launch_sample(logits.contiguous(), temperature, top_k, top_p, min_p, uniforms)
+    if backend == "cuda":
+        return _launch_sample_cuda(logits, temperature, top_k, top_p, min_p, uniforms)
+    return _sample_torch(logits, temperature, top_k, top_p, min_p, uniforms, candidates)
+
+
+@_sample_op.register_fake
+def _(logits, temperature, top_k, top_p, min_p, uniforms, candidates, backend):
+    B = logits.shape[0]
+    return (logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B,), dtype=torch.float32),
+            logits.new_empty((B,), dtype=torch.float32))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------------------------
+def _per_row(name, value, B, device, dtype, lo, hi, lo_open=False) -> torch.Tensor:
+    """A scalar or ``[B]`` tensor parameter as a ``[B]`` tensor; Python scalars are range-checked here (no sync)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.reshape(1).expand(B)
+        if value.shape != (B,):
+            raise ValueError(f"{name}: expected a scalar or a [B] = ({B},) tensor, got shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name}: on device {value.device}, but logits are on {device}")
+        if dtype == torch.int64 and (value.dtype.is_floating_point or value.dtype == torch.bool):
+            raise TypeError(f"{name}: expected an integer tensor, got dtype {value.dtype}")
+        return value.to(dtype)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number or a [B] tensor, got {type(value).__name__}")
+    if dtype == torch.int64 and not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo):
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise ValueError(f"{name}: expected a value in {interval}, got {value!r}")
+    return torch.full((B,), value, dtype=dtype, device=device)
+
+
+def _check_tensor_values(logits, params) -> None:
+    """Range checks of tensor parameters and logits in one host sync."""
+    temperature, top_k, top_p, min_p = params
+    checks = torch.stack([
+        (torch.isnan(logits) | (logits == float("inf"))).sum(),
+        (logits == float("-inf")).all(1).sum(),
+        (~torch.isfinite(temperature) | (temperature < 0)).sum(),
+        (top_k < 0).sum(),
+        (~(top_p > 0) | (top_p > 1)).sum(),
+        (~(min_p >= 0) | (min_p > 1)).sum(),
+    ]).tolist()  # fmt: skip
+    names = [
+        "logits: {} NaN or +inf value(s); mask tokens with -inf, never NaN",
+        "logits: {} row(s) are entirely -inf: nothing can be sampled",
+        "temperature: {} value(s) negative or non-finite (0 means greedy)",
+        "top_k: {} value(s) < 0 (0 means off)",
+        "top_p: {} value(s) outside (0, 1]",
+        "min_p: {} value(s) outside [0, 1]",
+    ]
+    for n, msg in zip(checks, names):
+        if n:
+            raise ValueError(msg.format(n))
+
+
+def _prepare(logits, temperature, top_k, top_p, min_p, check_values):
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits: expected a floating-point tensor, got dtype {logits.dtype}")
+    if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
+        raise ValueError(f"logits: expected a non-empty [B, V] tensor, got shape {tuple(logits.shape)}")
+    B, dev = logits.shape[0], logits.device
+    params = (
+        _per_row("temperature", temperature, B, dev, torch.float32, 0.0, math.inf),
+        _per_row("top_k", top_k, B, dev, torch.int64, 0, 2**62),
+        _per_row("top_p", top_p, B, dev, torch.float32, 0.0, 1.0, lo_open=True),
+        _per_row("min_p", min_p, B, dev, torch.float32, 0.0, 1.0),
+    )
+    if check_values:
+        _check_tensor_values(logits, params)
+    return params
+
+
+def _uniforms(B, device, generator) -> torch.Tensor:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device != torch.device(device) and torch.device(device).type != "cpu":
+        u = torch.rand(B, generator=generator, device=generator.device).to(device)
+    else:
+        u = torch.rand(B, generator=generator, device=device)
+    return u
+
+
+def _sample_impl(logits, temperature, top_k, top_p, min_p, generator, backend, check_values):
+    params = _prepare(logits, temperature, top_k, top_p, min_p, check_values)
+    chosen = resolve_backend(backend, logits.device, OP_BACKENDS, PREFERRED, "sample")
+    u = _uniforms(logits.shape[0], logits.device, generator)
+    # one top-k for the whole batch: k + 1 candidates hold its filtered set (the extra one detects boundary ties)
+    candidates = min(CANDIDATES, top_k + 1) if isinstance(top_k, int) and top_k > 0 else CANDIDATES
+    tokens, logprobs, lse = _sample_op(logits.detach(), *params, u, candidates, chosen)
+    return tokens, logprobs, lse, params[0]
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
+    min_p: float | torch.Tensor = 0.0,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+    check_values: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row with temperature, top-k, top-p and min-p, without sorting the vocabulary.
+
+    Args:
+        logits: ``[B, V]`` float32/bfloat16/float16/float64; ``-inf`` masks a token; NaN/+inf are errors.
+        temperature: float or ``[B]`` tensor, ``>= 0``; 0 means greedy for that row.
+        top_k: int or ``[B]`` integer tensor, ``>= 0``; 0 means off. Ties at the k-th value are kept.
+        top_p: float or ``[B]`` tensor in ``(0, 1]``; 1 means off.
+        min_p: float or ``[B]`` tensor in ``[0, 1]``; keep ``p >= min_p * max p``; 0 means off.
+        generator: the source of the one uniform per row (``torch.rand(B)``); same state -> same tokens.
+        backend: ``"torch"``, ``"triton"`` or ``"cuda"``; default ``$R4B_FAST_BACKEND`` or the best for the device.
+        check_values: check tensor parameters and logits for bad values (one host sync). Python scalars are
+            always checked, without a sync; pass False in a hot loop on GPU.
+
+    Returns:
+        ``(tokens [B] int64, logprobs [B] float32)``: ``logprobs = log_softmax(logits / T)[token]`` under the
+        temperature-scaled **unfiltered** distribution (greedy rows: ``T = 1``), as TRL/vLLM use for old log-probs.
+
+    Example:
+        >>> import torch
+        >>> from r4b_fast.ops.sampling import sample
+        >>> logits = torch.tensor([[0.0, 5.0, 1.0], [2.0, 0.0, 0.0]])
+        >>> tokens, logprobs = sample(logits, temperature=torch.tensor([0.0, 1.0]), top_k=1)
+        >>> tokens.tolist()
+        [1, 0]
+    """
+    tokens, logprobs, _, _ = _sample_impl(logits, temperature, top_k, top_p, min_p, generator, backend, check_values)
+    return tokens, logprobs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mode control
+# ----------------------------------------------------------------------------------------------------------------
+PHASE_BEFORE, PHASE_THINK, PHASE_AFTER = 0, 1, 2
+
+
+@dataclasses.dataclass
+class ModeState:
+    """Per-row decoding state for R-4B modes, all on the logits' device (advanced in place, no host sync).
+
+    mode [B] int64 (``r4b_fast.Mode``); queue [B, Q] int64 forced tokens with queue_len [B] and queue_pos [B];
+    close_ids [C] int64 (emitted when a thinking row reaches its budget) with close_pos [B] (-1: not closing);
+    budget [B] int64 (-1: unlimited) and think_count [B] (sampled tokens inside the think block); phase [B]
+    (0 before a think block, 1 inside, 2 after); opened / closed / finished [B] bool; and the token ids
+    think_start_id, think_end_id (tracked for every row, auto included), eos_id, pad_id.
+    """
+
+    mode: torch.Tensor
+    queue: torch.Tensor
+    queue_len: torch.Tensor
+    queue_pos: torch.Tensor
+    close_ids: torch.Tensor
+    close_pos: torch.Tensor
+    budget: torch.Tensor
+    think_count: torch.Tensor
+    phase: torch.Tensor
+    opened: torch.Tensor
+    closed: torch.Tensor
+    finished: torch.Tensor
+    think_start_id: int
+    think_end_id: int
+    eos_id: int
+    pad_id: int
+    max_token_id: int = 0  # the largest id the state can emit (checked against V, no sync)
+
+    @classmethod
+    def create(
+        cls,
+        modes: torch.Tensor | Sequence[int],
+        think_open_ids: Sequence[int],
+        no_think_ids: Sequence[int],
+        think_close_ids: Sequence[int],
+        *,
+        budget: int | torch.Tensor | None = None,
+        eos_id: int,
+        pad_id: int,
+        auto_ids: Sequence[int] = (),
+        think_start_id: int | None = None,
+        think_end_id: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> ModeState:
+        """Build the state for ``B`` rows.
+
+        Args:
+            modes: ``[B]`` ``r4b_fast.Mode`` per row: THINK rows first emit ``think_open_ids`` (the tokenizer's ids
+                of ``"<think>\\n"``), NO_THINK rows ``no_think_ids`` (``"<think>\\n\\n</think>\\n\\n"``), AUTO rows
+                ``auto_ids`` (default none: untouched).
+            think_close_ids: emitted when a row inside a think block reaches its budget (``"\\n</think>\\n\\n"``).
+            budget: max sampled tokens inside a think block (int or ``[B]``, -1 / None = unlimited).
+            eos_id / pad_id: a row finishes after emitting ``eos_id``, then emits ``pad_id``.
+            think_start_id / think_end_id: the single tokens that open / close a think block (phase tracking);
+                default ``think_open_ids[0]`` and the first id of ``think_close_ids`` not in ``think_open_ids``.
+            device: default ``modes``' device (CPU for lists).
+        """
+        if isinstance(modes, torch.Tensor):
+            if modes.dtype.is_floating_point or modes.dtype == torch.bool:
+                raise TypeError(f"modes: expected an integer tensor, got dtype {modes.dtype}")
+            device = modes.device if device is None else torch.device(device)
+            mode = modes.to(device=device, dtype=torch.int64)
+            mode_list = mode.tolist()  # setup time, not the hot loop
+        else:
+            mode_list = [int(m) for m in modes]
+            device = torch.device("cpu") if device is None else torch.device(device)
+            mode = torch.tensor(mode_list, dtype=torch.int64, device=device)
+        if mode.dim() != 1 or mode.numel() == 0:
+            raise ValueError(f"modes: expected a non-empty [B] sequence, got shape {tuple(mode.shape)}")
+        bad = [m for m in mode_list if m not in tuple(int(x) for x in Mode)]
+        if bad:
+            raise ValueError(f"modes: {len(bad)} value(s) outside {{NO_THINK: 0, THINK: 1, AUTO: 2}}, e.g. {bad[0]}")
+        seqs = {}
+        named = (("think_open_ids", think_open_ids, False), ("no_think_ids", no_think_ids, False),
+                 ("think_close_ids", think_close_ids, False), ("auto_ids", auto_ids, True))  # fmt: skip
+        for name, ids, may_be_empty in named:
+            ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+            if not may_be_empty and len(ids) == 0:
+                raise ValueError(f"{name}: empty forced sequence; pass the tokenizer's ids of the mode's text")
+            if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+                raise ValueError(f"{name}: expected non-negative int token ids, got {ids}")
+            seqs[name] = ids
+        for name, v in (("eos_id", eos_id), ("pad_id", pad_id)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}: expected a non-negative int token id, got {v!r}")
+        B = len(mode_list)
+        prefix = {int(Mode.THINK): seqs["think_open_ids"], int(Mode.NO_THINK): seqs["no_think_ids"],
+                  int(Mode.AUTO): seqs["auto_ids"]}  # fmt: skip
+        Q = max(1, max(len(prefix[m]) for m in set(mode_list)))
+        queue = torch.full((B, Q), pad_id, dtype=torch.int64)
+        qlen = torch.zeros(B, dtype=torch.int64)
+        for i, m in enumerate(mode_list):
+            queue[i, : len(prefix[m])] = torch.tensor(prefix[m], dtype=torch.int64)
+            qlen[i] = len(prefix[m])
+        if budget is None:
+            budget_t = torch.full((B,), -1, dtype=torch.int64, device=device)
+        elif isinstance(budget, torch.Tensor):
+            if budget.shape not in ((), (B,)):
+                raise ValueError(f"budget: expected an int or a [B] = ({B},) tensor, got shape {tuple(budget.shape)}")
+            budget_t = budget.to(device=device, dtype=torch.int64).expand(B).clone()
+        elif isinstance(budget, int) and not isinstance(budget, bool) and budget >= -1:
+            budget_t = torch.full((B,), budget, dtype=torch.int64, device=device)
+        else:
+            raise ValueError(f"budget: expected an int >= -1 (or None: unlimited), got {budget!r}")
+        zeros = torch.zeros(B, dtype=torch.int64, device=device)
+        false = torch.zeros(B, dtype=torch.bool, device=device)
+        start = seqs["think_open_ids"][0] if think_start_id is None else int(think_start_id)
+        end = _default_end_id(seqs["think_open_ids"], seqs["think_close_ids"]) if think_end_id is None else int(
+            think_end_id)  # fmt: skip
+        return cls(
+            mode=mode, queue=queue.to(device), queue_len=qlen.to(device), queue_pos=zeros.clone(),
+            close_ids=torch.tensor(seqs["think_close_ids"], dtype=torch.int64, device=device),
+            close_pos=torch.full((B,), -1, dtype=torch.int64, device=device), budget=budget_t,
+            think_count=zeros.clone(), phase=zeros.clone(), opened=false.clone(), closed=false.clone(),
+            finished=false.clone(), think_start_id=start, think_end_id=end, eos_id=eos_id, pad_id=pad_id,
+            max_token_id=max([eos_id, pad_id, start, end] + [t for ids in seqs.values() for t in ids]),
+        )  # fmt: skip
+
+    @property
+    def batch_size(self) -> int:
+        return self.mode.shape[0]
+
+
+class ModeStep(NamedTuple):
+    """One step of :func:`sample_with_modes`, all ``[B]``.
+
+    tokens: int64 emitted tokens (pad for rows finished before this step); logprobs: float32
+    ``log_softmax(logits / T)[token]`` (0 for pad); forced: bool, the token came from a forced sequence;
+    active: bool, the row emitted a real token this step (it was not finished before it).
+    """
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    forced: torch.Tensor
+    active: torch.Tensor
+
+
+def sample_with_modes(
+    logits: torch.Tensor,
+    state: ModeState,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
+    min_p: float | torch.Tensor = 0.0,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+    check_values: bool = False,
+) -> ModeStep:
+    """Sample every row, apply the R-4B mode constraints and advance ``state`` in place, with no host sync.
+
+    Per row: a finished row emits ``pad_id``; a row with forced tokens left emits the next one (its mode's prefix,
+    or the close sequence); a row inside a think block whose sampled-token count reached its budget starts emitting
+    ``think_close_ids``; otherwise the freely sampled token (so AUTO rows are exactly :func:`sample`'s tokens for the
+    same generator). The row's phase follows ``think_start_id`` / ``think_end_id``; ``eos_id`` finishes it.
+    Sampling arguments as in :func:`sample` (``check_values`` defaults to False here: no sync in the loop).
+
+    Example:
+        >>> import torch
+        >>> from r4b_fast import Mode
+        >>> from r4b_fast.ops.sampling import ModeState, sample_with_modes
+        >>> st = ModeState.create([Mode.THINK, Mode.NO_THINK], [7, 1], [7, 2, 8, 2], [1, 8, 2], eos_id=9, pad_id=0)
+        >>> logits = torch.zeros(2, 10)
+        >>> [sample_with_modes(logits, st).tokens.tolist() for _ in range(2)]
+        [[7, 7], [1, 2]]
+    """
+    if not isinstance(state, ModeState):
+        raise TypeError(f"state: expected a ModeState, got {type(state).__name__}")
+    if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[0] != state.batch_size:
+        raise ValueError(f"logits: batch of {logits.shape[0]} rows, but state has {state.batch_size}")
+    if isinstance(logits, torch.Tensor) and logits.device != state.mode.device:
+        raise ValueError(f"logits: on device {logits.device}, but state is on {state.mode.device}")
+    if isinstance(logits, torch.Tensor) and logits.dim() == 2 and state.max_token_id >= logits.shape[1]:
+        raise ValueError(f"logits: vocabulary of {logits.shape[1]} tokens, but the state's forced / eos / pad ids "
+                         f"go up to {state.max_token_id}")  # fmt: skip
+    sampled, logprobs, lse, temp = _sample_impl(logits, temperature, top_k, top_p, min_p, generator, backend,
+                                                check_values)  # fmt: skip
+    s = state
+    done_before = s.finished
+    active = ~done_before
+    in_queue = s.queue_pos < s.queue_len
+    start_close = active & ~in_queue & (s.close_pos < 0) & (s.phase == PHASE_THINK) & (s.budget >= 0) & (
+        s.think_count >= s.budget)  # fmt: skip
+    close_pos = torch.where(start_close, 0, s.close_pos)
+    closing = active & ~in_queue & (close_pos >= 0)
+    q_tok = s.queue.gather(1, s.queue_pos.clamp(max=s.queue.shape[1] - 1)[:, None])[:, 0]
+    c_tok = s.close_ids[close_pos.clamp(0, s.close_ids.numel() - 1)]
+    forced = active & (in_queue | closing)
+    tokens = torch.where(in_queue, q_tok, torch.where(closing, c_tok, sampled))
+    tokens = torch.where(active, tokens, s.pad_id)
+    # log-probs of forced tokens under the same (temperature-scaled, unfiltered) distribution
+    t = torch.where(temp == 0, 1.0, temp)
+    forced_lp = logits.gather(1, tokens[:, None])[:, 0].float() / t - lse
+    logprobs = torch.where(forced, forced_lp, logprobs)
+    logprobs = torch.where(active, logprobs, 0.0)
+    # advance
+    s.think_count += (active & ~forced & (s.phase == PHASE_THINK)).to(torch.int64)
+    s.queue_pos += (active & in_queue).to(torch.int64)
+    nxt = close_pos + 1
+    close_done = closing & (nxt >= s.close_ids.numel())  # the close sequence ends the think block
+    s.close_pos.copy_(torch.where(closing, torch.where(close_done, -1, nxt), close_pos))
+    opens = active & (tokens == s.think_start_id) & ~s.opened
+    closes = active & (s.phase == PHASE_THINK) & ((tokens == s.think_end_id) | close_done)
+    s.phase.copy_(torch.where(opens, PHASE_THINK, torch.where(closes, PHASE_AFTER, s.phase)))
+    s.opened |= opens
+    s.closed |= closes
+    s.finished |= active & (tokens == s.eos_id)
+    return ModeStep(tokens, logprobs, forced, active)

@@ -1,0 +1,113 @@
+"""The BPO loop: its pieces against plain computations, an end-to-end run, and exact resume after a kill."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from r4b_fast.training.common import read_metrics
+
+
+@pytest.fixture(scope="module")
+def tiny_policy_dir(tmp_path_factory):
+    """A random tiny R-4B model saved like an annealed checkpoint (the loop's input), built in seconds."""
+    from r4b_fast.training.task import build_tokenizer
+    from r4b_fast.training.tiny_model import build_tiny_r4b
+
+    path = tmp_path_factory.mktemp("policy")
+    tok = build_tokenizer()
+    model = build_tiny_r4b(tok, hidden_size=32, layers=1, seed=0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_thought_classifies_think_blocks():
+    from r4b_fast.training.bpo import thought
+
+    assert thought("<think>\n1+2=3\n</think>\n\n3")
+    assert not thought("<think>\n\n</think>\n\n3")
+    assert not thought("3")
+    assert thought("<think>\nunfinished")
+
+
+def test_policy_forward_hidden_predicts_the_completion_tokens(tiny_policy_dir):
+    from r4b_fast.training.bpo import ModeTokens, load_policy, policy_forward, prompt_embeddings
+    from r4b_fast.training.rollout import bpo_modes, generate_rollouts
+    from r4b_fast.training.task import prompt_text, sample_items
+    from r4b_fast.training.tiny_model import num_image_tokens, pixel_inputs
+
+    model, tok = load_policy(tiny_policy_dir)
+    model.eval()
+    tokens = ModeTokens.from_tokenizer(tok)
+    n_img = num_image_tokens(model)
+    items = sample_items(2, 5)
+    prompt_ids = [tok(prompt_text(it, n_img), add_special_tokens=False)["input_ids"] for it in items]
+    with torch.no_grad():
+        ro = generate_rollouts(model, prompt_ids, [bpo_modes(1)] * 2, think_open_ids=tokens.think_open,
+                               no_think_ids=tokens.no_think, think_close_ids=tokens.think_close, eos_id=tokens.eos,
+                               pad_id=tokens.pad, max_new_tokens=6, temperature=1.0,
+                               generator=torch.Generator().manual_seed(0),
+                               prompt_embeds=prompt_embeddings(model, prompt_ids, items, tokens.image))
+        hidden = policy_forward(model, items, prompt_ids, ro, tokens.image, tokens.pad)
+        logits = hidden @ model.lm_head.weight.T
+        # independent path: the model's own forward with pixel values, one rollout at a time, no padding
+        for r in range(ro.completions.shape[0]):
+            p = int(ro.prompt_index[r])
+            n = int(ro.completion_mask[r].sum())
+            ids = torch.tensor([prompt_ids[p] + ro.completions[r, :n].tolist()])
+            pv, sizes = pixel_inputs(items[p].image()[None])
+            ref = model(input_ids=ids, pixel_values=pv, image_sizes=sizes).logits[0]
+            torch.testing.assert_close(logits[r, :n], ref[len(prompt_ids[p]) - 1 : len(prompt_ids[p]) - 1 + n],
+                                       rtol=1e-4, atol=1e-4)
+            # and the rollout's log-probs are those of the same distribution
+            lp = torch.log_softmax(ref[len(prompt_ids[p]) - 1 : len(prompt_ids[p]) - 1 + n], -1)
+            lp = lp.gather(1, ro.completions[r, :n, None])[:, 0]
+            torch.testing.assert_close(ro.logprobs[r, :n], lp, rtol=1e-4, atol=1e-4)
+
+
+def _bpo(out, model_dir, *extra):
+    args = ["--model", str(model_dir), "--steps", "4", "--prompts", "2", "--g", "2", "--max-new-tokens", "8",
+            "--eval-items", "4", "--eval-every", "2", "--save-every", "2", "--output-dir", str(out), *extra]
+    return subprocess.run([sys.executable, "-m", "r4b_fast.training.bpo", *args], capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_bpo_runs_logs_and_resumes_exactly_after_a_kill(tmp_path, tiny_policy_dir):
+    from safetensors.torch import load_file
+
+    full = _bpo(tmp_path / "full", tiny_policy_dir, "--plot")
+    assert full.returncode == 0, full.stderr
+    log = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    assert [r["step"] for r in log] == [0, 1, 2, 3, 4]
+    for key in ("reward/think", "reward/no_think", "length/think", "length/no_think", "kl", "clip_frac_low",
+                "entropy_mean", "tokens_per_s"):
+        assert key in log[1], key
+    assert "eval/think_rate_hard" in log[0] and "eval/acc_auto_easy" in log[4]
+    assert (tmp_path / "full" / "curves.png").exists()
+
+    killed = _bpo(tmp_path / "killed", tiny_policy_dir, "--stop-after", "3")
+    assert killed.returncode == 3
+    resumed = _bpo(tmp_path / "killed", tiny_policy_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "at step 2" in resumed.stdout
+    a = load_file(str(tmp_path / "full" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "checkpoint" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_grpo_baseline_and_kl_run(tmp_path, tiny_policy_dir):
+    proc = _bpo(tmp_path, tiny_policy_dir, "--algo", "grpo", "--beta", "0.05", "--mini-batches", "2",
+                "--grad-accum", "2", "--steps", "1", "--eval-items", "0")
+    assert proc.returncode == 0, proc.stderr
+    rec = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    assert rec["kl"] >= 0 and "reward/all" in rec
+
+
+def test_bad_arguments(tmp_path, tiny_policy_dir):
+    proc = _bpo(tmp_path, tiny_policy_dir, "--mini-batches", "3")
+    assert proc.returncode != 0 and "must divide the rollouts" in proc.stderr
+    proc = _bpo(tmp_path, tmp_path / "nope")
+    assert proc.returncode != 0 and "--model" in proc.stderr

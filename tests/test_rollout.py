@@ -1,0 +1,149 @@
+"""Rollout engine on a tiny random Qwen3: the batched, left-padded KV-cache engine against an unbatched no-cache
+reference (full sequence re-run every step, host-side Python mode processor), log-probs against a full forward."""
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from r4b_fast import Mode
+from r4b_fast.ops.sampling import ModeProcessorRef
+from r4b_fast.training.rollout import bpo_modes, generate_rollouts
+
+V = 128
+OPEN, NO_THINK, CLOSE = [120, 121], [120, 122, 123, 122], [121, 123, 122]  # stand-ins for the tokenizer's ids
+PAD = 127
+PROMPTS = [[5, 17, 33, 2, 9], [44, 3, 8, 91, 12, 6, 70, 31, 1], [100, 64, 7]]
+MODES = [[Mode.THINK, Mode.NO_THINK, Mode.AUTO], [Mode.THINK, Mode.NO_THINK], [Mode.AUTO, Mode.THINK]]
+MAX_NEW = 14
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are far too small for intra-op threads: on a busy 2-core machine the thread barriers
+    alone cost ~10 ms per op. Restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, max_position_embeddings=128)  # fmt: skip
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+def _kw(eos, **extra):
+    return dict(think_open_ids=OPEN, no_think_ids=NO_THINK, think_close_ids=CLOSE, eos_id=eos, pad_id=PAD,
+                max_new_tokens=MAX_NEW, **extra)  # fmt: skip
+
+
+def _reference(model, prompt, mode, eos, budget):
+    """One rollout alone: no padding, no cache, the whole sequence re-run every step, greedy, Python processor."""
+    proc = ModeProcessorRef([mode], OPEN, NO_THINK, CLOSE, budget=budget, eos_id=eos, pad_id=PAD)
+    seq, out, forced, active, logps = list(prompt), [], [], [], []
+    with torch.no_grad():
+        for _ in range(MAX_NEW):
+            logits = model(torch.tensor([seq])).logits[0, -1]
+            was_finished = proc.finished[0]
+            tok = proc.step([int(logits.argmax())])[0]
+            out.append(tok)
+            forced.append(proc.forced[0])
+            active.append(not was_finished)
+            logps.append(float(torch.log_softmax(logits, -1)[tok]) if not was_finished else 0.0)
+            if not was_finished:
+                seq.append(tok)
+    return out, forced, active, logps, proc
+
+
+@pytest.mark.parametrize("budget", [None, 3])
+def test_kv_cache_engine_matches_no_cache_reference(model, budget):
+    # eos: a token the model emits greedily on its own, so that finishing (and padding after it) is exercised
+    probe = generate_rollouts(model, PROMPTS, MODES, **_kw(126), temperature=0.0)
+    special = set(OPEN + NO_THINK + CLOSE)
+    eos = next(t for t in probe.completions[2, 3:].tolist() if t not in special)  # an AUTO row's free token
+    res = generate_rollouts(model, PROMPTS, MODES, **_kw(eos, budget=budget), temperature=0.0)
+    r = 0
+    for p, ms in enumerate(MODES):
+        for m in ms:
+            toks, forced, active, logps, proc = _reference(model, PROMPTS[p], int(m), eos, budget)
+            n = res.steps
+            assert res.completions[r, :n].tolist() == toks[:n], (p, m)
+            assert res.forced_mask[r, :n].tolist() == forced[:n]
+            assert res.completion_mask[r, :n].tolist() == active[:n]
+            torch.testing.assert_close(res.logprobs[r, :n], torch.tensor(logps[:n]), rtol=1e-4, atol=1e-4)
+            if n < MAX_NEW:  # stopped early: every row had finished
+                assert proc.finished[0]
+            assert bool(res.finished[r]) == proc.finished[0]
+            assert bool(res.think_closed[r]) == proc.closed[0] and bool(res.think_opened[r]) == proc.opened[0]
+            assert int(res.modes[r]) == int(m) and int(res.prompt_index[r]) == p
+            r += 1
+    assert res.lengths.tolist() == res.completion_mask.sum(1).tolist()
+    assert res.finished.any(), "the test should exercise finishing"
+    if budget is not None:  # thinking rows are closed by the budget, exactly after 3 sampled tokens
+        closed_by_budget = 0
+        for row in torch.nonzero(res.modes == Mode.THINK)[:, 0].tolist():
+            seq = res.completions[row].tolist()
+            thought = seq[len(OPEN) : len(OPEN) + 3]
+            if eos not in thought and 123 not in thought:  # neither finished nor closed by itself first
+                assert seq[len(OPEN) + 3 : len(OPEN) + 3 + len(CLOSE)] == CLOSE
+                assert res.think_closed[row]
+                closed_by_budget += 1
+        assert closed_by_budget >= 2
+
+
+def test_logprobs_match_a_full_forward(model):
+    gen = torch.Generator().manual_seed(0)
+    res = generate_rollouts(model, PROMPTS, [bpo_modes(2)] * 3, **_kw(126, budget=4), temperature=0.8, top_p=0.9,
+                            top_k=50, generator=gen)  # fmt: skip
+    assert res.completions.shape == (12, MAX_NEW)
+    with torch.no_grad():
+        for r in range(12):
+            prompt = PROMPTS[int(res.prompt_index[r])]
+            mask = res.completion_mask[r]
+            comp = res.completions[r][mask].tolist()
+            logits = model(torch.tensor([prompt + comp])).logits[0].float()
+            lp = torch.log_softmax(logits / 0.8, -1)[len(prompt) - 1 : -1].gather(1, torch.tensor(comp)[:, None])[:, 0]
+            torch.testing.assert_close(res.logprobs[r][mask], lp, rtol=1e-4, atol=1e-4)
+            assert (res.logprobs[r][~mask] == 0).all()
+    assert (res.modes == torch.tensor([1, 1, 0, 0] * 3)).all()
+    assert res.think_opened.all()  # both forced modes open a block; no-think rows close it at once
+    assert res.think_closed[res.modes == Mode.NO_THINK].all()
+    # the forced prefix is marked forced, the rest is the policy's
+    assert res.forced_mask[res.modes == Mode.NO_THINK, : len(NO_THINK)].all()
+    assert (res.policy_mask == (res.completion_mask & ~res.forced_mask)).all()
+
+
+def test_prompt_embeds_pass_through(model):
+    kw = _kw(126)
+    a = generate_rollouts(model, PROMPTS, MODES, **kw, temperature=0.0)
+    emb = [model.get_input_embeddings()(torch.tensor(p)).detach() for p in PROMPTS]
+    b = generate_rollouts(model, PROMPTS, MODES, **kw, temperature=0.0, prompt_embeds=emb)
+    assert torch.equal(a.completions, b.completions)
+    torch.testing.assert_close(a.logprobs, b.logprobs)
+
+
+def test_bad_input(model):
+    with pytest.raises(ValueError, match="modes: 2 entries for 3 prompts"):
+        generate_rollouts(model, PROMPTS, MODES[:2], **_kw(126))
+    with pytest.raises(ValueError, match="no_think_ids: empty forced sequence"):
+        generate_rollouts(model, PROMPTS, MODES, **{**_kw(126), "no_think_ids": []})
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_rollouts(model, PROMPTS, MODES, **{**_kw(126), "max_new_tokens": 0})
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate_rollouts(model, [[1], []], [[1], [0]], **_kw(126))
+    with pytest.raises(ValueError, match="g: expected a positive int"):
+        bpo_modes(0)
+
+
+def test_public_example_in_docstring():
+    import doctest
+
+    from r4b_fast.training import rollout
+
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for t in doctest.DocTestFinder().find(rollout.generate_rollouts, "generate_rollouts", globs={}):
+        runner.run(t)
+    assert runner.failures == 0 and runner.tries > 0

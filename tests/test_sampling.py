@@ -1,0 +1,311 @@
+"""sample / sample_with_modes: frequencies against the sort-based reference distribution, exact inverse-CDF checks
+of the Triton kernel, log-probs, seeding, R-4B mode control against a Python-loop processor, bad input."""
+
+import pytest
+import torch
+from conftest import kernel_backends
+
+from r4b_fast import Mode
+from r4b_fast.ops import sampling
+from r4b_fast.ops.sampling import ModeProcessorRef, ModeState, filtered_probs_ref, sample, sample_with_modes
+
+BACKENDS = kernel_backends()
+TV_TOL = 0.05  # total variation bound (20000 draws over <= 64 tokens: sampling noise alone gives TV ~ 0.02)
+Z_REJECT = 3.72  # chi-square test at p = 1e-4 (one-sided normal quantile, Wilson-Hilferty approximation)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small tensors: intra-op threads only add barriers (~10 ms per op on a busy 2-core machine). Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tv(tokens, q):
+    emp = torch.bincount(tokens, minlength=q.numel()).double() / tokens.numel()
+    return 0.5 * (emp - q).abs().sum().item()
+
+
+def _chi2_ok(tokens, q) -> bool:
+    """Pearson chi-square goodness of fit of the draws to ``q`` (bins with expected count < 5 pooled), accepted
+    unless p < 1e-4."""
+    n = tokens.numel()
+    obs = torch.bincount(tokens, minlength=q.numel()).double()
+    exp = q * n
+    big = exp >= 5
+    o = torch.cat([obs[big], obs[~big].sum().reshape(1)])
+    e = torch.cat([exp[big], exp[~big].sum().reshape(1)])
+    keep = e > 0
+    o, e = o[keep], e[keep]
+    df = max(1, e.numel() - 1)
+    stat = ((o - e) ** 2 / e).sum().item()
+    bound = df * (1 - 2 / (9 * df) + Z_REJECT * (2 / (9 * df)) ** 0.5) ** 3
+    return stat < bound
+
+
+def _matches(tokens, q) -> bool:
+    return bool((q[tokens] > 0).all()) and _tv(tokens, q) < TV_TOL and _chi2_ok(tokens, q)
+
+
+def _rows(B, **kw):
+    out = {}
+    for name, v in kw.items():
+        dtype = torch.int64 if name == "top_k" else torch.float32
+        out[name] = v if isinstance(v, torch.Tensor) else torch.full((B,), v, dtype=dtype)
+    for name, default in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0), ("min_p", 0.0)):
+        out.setdefault(name, torch.full((B,), default, dtype=torch.int64 if name == "top_k" else torch.float32))
+    return out
+
+
+CONFIGS = {
+    "plain": dict(),
+    "temperature": dict(temperature=0.6),
+    "top_k": dict(top_k=7),
+    "top_p": dict(top_p=0.8),
+    "min_p": dict(min_p=0.08),
+    "all": dict(temperature=1.4, top_k=20, top_p=0.9, min_p=0.02),
+    "hot_top_p": dict(temperature=3.0, top_p=0.95),
+}
+
+
+@pytest.mark.parametrize("candidates", [1024, 8], ids=["candidates", "full-vocab-fallback"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_torch_frequencies_match_reference(config, candidates, monkeypatch):
+    monkeypatch.setattr(sampling, "CANDIDATES", candidates)  # 8: most rows take the exact bisection fallback
+    V, N = 64, 20000
+    gen = torch.Generator().manual_seed(list(CONFIGS).index(config))
+    base = torch.randn(V, generator=gen) * 1.5
+    base[3] = -float("inf")  # a masked token
+    kw = CONFIGS[config]
+    tokens, logprobs = sample(base.expand(N, V).contiguous(), generator=gen, backend="torch", **kw)
+    q = filtered_probs_ref(base[None], **_rows(1, **kw))[0]
+    assert (q[tokens] > 0).all(), "a token outside the filtered set was drawn"
+    assert _tv(tokens, q) < TV_TOL
+    assert _chi2_ok(tokens, q)
+    t = kw.get("temperature", 1.0)
+    torch.testing.assert_close(logprobs, torch.log_softmax(base / t, -1)[tokens])
+
+
+def test_ties_at_the_top_k_and_top_p_boundary():
+    # integer logits: many ties; the threshold semantics keep every tied token
+    base = torch.tensor([3.0, 3.0, 3.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, -2.0])
+    N = 20000
+    for kw in (dict(top_k=2), dict(top_k=4), dict(top_p=0.5), dict(top_p=0.9)):
+        tokens, _ = sample(base.expand(N, -1).contiguous(), generator=torch.Generator().manual_seed(0), **kw)
+        q = filtered_probs_ref(base[None], **_rows(1, **kw))[0]
+        assert _matches(tokens, q), kw
+    q = filtered_probs_ref(base[None], **_rows(1, top_k=2))[0]
+    assert (q[:3] > 0).all() and (q[3:] == 0).all()
+
+
+def test_per_row_parameters_are_honoured():
+    V, n = 48, 5000
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(V, generator=gen) * 2
+    rows = [dict(temperature=0.5, top_k=0, top_p=1.0, min_p=0.0), dict(temperature=1.0, top_k=5, top_p=1.0, min_p=0.0),
+            dict(temperature=1.2, top_k=0, top_p=0.7, min_p=0.0), dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.2)]
+    per = {k: torch.tensor([r[k] for r in rows for _ in range(n)]) for k in rows[0]}
+    tokens, logprobs = sample(base.expand(4 * n, V).contiguous(), generator=gen, **per)
+    for i, r in enumerate(rows):
+        q = filtered_probs_ref(base[None], **_rows(1, **r))[0]
+        tok = tokens[i * n : (i + 1) * n]
+        assert _matches(tok, q), r
+        torch.testing.assert_close(logprobs[i * n : (i + 1) * n], torch.log_softmax(base / r["temperature"], -1)[tok])
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_inverse_cdf_exact_against_reference(backend_device):
+    """Given the generator's uniforms, every backend's token is the reference's inverse CDF in vocabulary order."""
+    backend, device = backend_device
+    B, V = 8, 200
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(B, V, generator=gen) * 2
+    logits[2, :10] = -float("inf")
+    params = dict(temperature=torch.tensor([1.0, 0.7, 0.0, 1.3, 1.0, 2.0, 0.9, 1.0]),
+                  top_k=torch.tensor([0, 5, 0, 40, 0, 0, 3, 17]),
+                  top_p=torch.tensor([1.0, 1.0, 1.0, 0.6, 0.9, 0.95, 1.0, 0.5]),
+                  min_p=torch.tensor([0.0, 0.0, 0.0, 0.01, 0.0, 0.0, 0.3, 0.05]))  # fmt: skip
+    tokens, logprobs = sample(logits.to(device), generator=torch.Generator().manual_seed(11), backend=backend,
+                              **{k: v.to(device) for k, v in params.items()})
+    u = torch.rand(B, generator=torch.Generator().manual_seed(11)).double()
+    q = filtered_probs_ref(logits, **params)
+    cdf = q.cumsum(1)
+    expected = torch.searchsorted(cdf, u[:, None], right=True).clamp(max=V - 1)[:, 0]
+    greedy = params["temperature"] == 0
+    expected = torch.where(greedy, logits.argmax(1), expected)
+    near = (cdf - u[:, None]).abs().min(1).values < 1e-5  # a CDF boundary within rounding: either side is right
+    assert ((tokens.cpu() == expected) | near).all(), (tokens, expected)
+    t = torch.where(greedy, 1.0, params["temperature"])
+    want = torch.log_softmax(logits / t[:, None], -1).gather(1, expected[:, None])[:, 0]
+    torch.testing.assert_close(logprobs.cpu(), want)
+
+
+def test_inverse_cdf_exact_torch_fallback(monkeypatch):
+    """The torch backend's full-vocabulary fallback (4 candidates: most rows overflow) against the same oracle."""
+    monkeypatch.setattr(sampling, "CANDIDATES", 4)
+    test_inverse_cdf_exact_against_reference(("torch", "cpu"))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_same_seed_same_tokens(backend_device):
+    backend, device = backend_device
+    logits = torch.randn(4, 129, generator=torch.Generator().manual_seed(0)).to(device)
+    kw = dict(temperature=1.1, top_p=0.9, top_k=50, backend=backend)
+    a, la = sample(logits, generator=torch.Generator(device).manual_seed(5), **kw)
+    b, lb = sample(logits, generator=torch.Generator(device).manual_seed(5), **kw)
+    c, _ = sample(logits, generator=torch.Generator(device).manual_seed(6), **kw)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert not torch.equal(a, c)
+
+
+def test_greedy_and_low_precision():
+    logits = torch.randn(16, 1000, generator=torch.Generator().manual_seed(1))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        lg = logits.to(dtype)
+        tokens, lp = sample(lg, temperature=0.0, top_p=0.5, top_k=3)
+        assert torch.equal(tokens, lg.float().argmax(1))
+        torch.testing.assert_close(lp, torch.log_softmax(lg.float(), -1).gather(1, tokens[:, None])[:, 0])
+    big = torch.zeros(2, 200_000)  # more tokens than candidates, flat: the fallback over the full vocabulary
+    big[1, 123_456] = 50.0
+    tokens, _ = sample(big, top_p=0.999, generator=torch.Generator().manual_seed(0))
+    assert tokens[1] == 123_456 and 0 <= tokens[0] < 200_000
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(logits=torch.tensor([[0.0, float("nan")]])), ValueError, "logits: 1 NaN or .inf"),
+        (dict(logits=torch.tensor([[0.0, float("inf")]])), ValueError, "logits: 1 NaN or .inf"),
+        (dict(logits=torch.full((2, 3), -float("inf"))), ValueError, "entirely -inf"),
+        (dict(logits=torch.zeros(3)), ValueError, r"logits: expected a non-empty \[B, V\]"),
+        (dict(logits=torch.zeros(2, 3, dtype=torch.long)), TypeError, "logits: expected a floating-point"),
+        (dict(logits=torch.zeros(2, 3), top_p=0.0), ValueError, r"top_p: expected a value in \(0.0, 1.0\]"),
+        (dict(logits=torch.zeros(2, 3), top_p=1.5), ValueError, "top_p"),
+        (dict(logits=torch.zeros(2, 3), top_p=torch.tensor([0.5, 1.2])), ValueError, r"top_p: 1 value\(s\) outside"),
+        (dict(logits=torch.zeros(2, 3), top_k=-1), ValueError, "top_k: expected a value in"),
+        (dict(logits=torch.zeros(2, 3), top_k=torch.tensor([1, -2])), ValueError, r"top_k: 1 value\(s\) < 0"),
+        (dict(logits=torch.zeros(2, 3), top_k=2.5), TypeError, "top_k: expected an int"),
+        (dict(logits=torch.zeros(2, 3), temperature=-1.0), ValueError, "temperature"),
+        (dict(logits=torch.zeros(2, 3), min_p=1.5), ValueError, "min_p"),
+        (dict(logits=torch.zeros(2, 3), temperature=torch.ones(3)), ValueError, r"temperature: expected a scalar"),
+        (dict(logits=torch.zeros(2, 3), generator=3), TypeError, "generator"),
+        (dict(logits=torch.zeros(2, 3), backend="cuda"), Exception, "cuda backend needs CUDA tensors"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_rejected(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        sample(**kwargs)
+
+
+def test_opcheck():
+    op = torch.ops.r4b_fast.sample.default
+    B, V = 4, 50
+    args = (torch.randn(B, V), torch.ones(B), torch.tensor([0, 3, 0, 5]), torch.tensor([1.0, 0.9, 0.5, 1.0]),
+            torch.zeros(B), torch.rand(B), 8, "torch")  # fmt: skip
+    torch.library.opcheck(op, args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mode control
+# ---------------------------------------------------------------------------------------------------------------
+OPEN, NO_THINK, CLOSE = [90, 91], [90, 92, 93, 92], [91, 93, 92]  # "<think>\n", "<think>\n\n</think>\n\n", ...
+EOS, PAD, V_MODES = 99, 0, 100
+
+
+def test_forced_sequences_are_exact_and_auto_rows_untouched():
+    modes = [Mode.THINK, Mode.NO_THINK, Mode.AUTO, Mode.THINK, Mode.AUTO]
+    logits = torch.randn(5, V_MODES, generator=torch.Generator().manual_seed(0))
+    logits[:, EOS] = -float("inf")  # nobody finishes in this test
+    st = ModeState.create(modes, OPEN, NO_THINK, CLOSE, eos_id=EOS, pad_id=PAD)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    emitted, forced = [], []
+    for _ in range(6):
+        step = sample_with_modes(logits, st, temperature=0.8, top_p=0.9, generator=g1)
+        free, free_lp = sample(logits, temperature=0.8, top_p=0.9, generator=g2)
+        for r in (2, 4):  # auto rows: exactly the unconstrained tokens and log-probs
+            assert step.tokens[r] == free[r] and step.logprobs[r] == free_lp[r]
+        lp = torch.log_softmax(logits / 0.8, -1).gather(1, step.tokens[:, None])[:, 0]
+        torch.testing.assert_close(step.logprobs, lp)
+        emitted.append(step.tokens)
+        forced.append(step.forced)
+    emitted, forced = torch.stack(emitted, 1), torch.stack(forced, 1)
+    assert emitted[0, :2].tolist() == OPEN and emitted[3, :2].tolist() == OPEN
+    assert emitted[1, :4].tolist() == NO_THINK
+    assert forced[0].tolist() == [True, True, False, False, False, False]
+    assert forced[1].tolist() == [True] * 4 + [False] * 2
+    assert not forced[2].any()
+    assert st.phase.tolist()[:2] == [1, 2] and st.opened[:2].tolist() == [True, True]
+    assert st.closed[:2].tolist() == [False, True]
+
+
+@pytest.mark.parametrize("budget", [0, 1, 5])
+def test_budget_is_enforced_to_the_token(budget):
+    B = 3
+    logits = torch.zeros(B, V_MODES)
+    logits[:, 10:20] = 30.0  # the model never closes nor finishes on its own
+    st = ModeState.create([Mode.THINK] * B, OPEN, NO_THINK, CLOSE, eos_id=EOS, pad_id=PAD, budget=budget)
+    out = torch.stack([sample_with_modes(logits, st, generator=torch.Generator().manual_seed(i)).tokens
+                       for i in range(len(OPEN) + budget + len(CLOSE) + 3)], 1)
+    for r in range(B):
+        row = out[r].tolist()
+        assert row[: len(OPEN)] == OPEN
+        assert all(10 <= t < 20 for t in row[len(OPEN) : len(OPEN) + budget])
+        assert row[len(OPEN) + budget : len(OPEN) + budget + len(CLOSE)] == CLOSE
+        assert all(10 <= t < 20 for t in row[len(OPEN) + budget + len(CLOSE) :])  # the answer, sampled freely
+    assert st.closed.all() and (st.phase == 2).all() and (st.think_count == budget).all()
+
+
+def test_modes_match_the_python_loop_processor():
+    """Random mixed batch over many steps: the device state machine equals the host-side reference loop."""
+    B, steps = 12, 40
+    gen = torch.Generator().manual_seed(5)
+    modes = torch.randint(0, 3, (B,), generator=gen)
+    budget = torch.randint(-1, 8, (B,), generator=gen)
+    st = ModeState.create(modes, OPEN, NO_THINK, CLOSE, eos_id=EOS, pad_id=PAD, budget=budget, auto_ids=[90])
+    ref = ModeProcessorRef(modes.tolist(), OPEN, NO_THINK, CLOSE, eos_id=EOS, pad_id=PAD, budget=budget.tolist(),
+                           auto_ids=[90])
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    for _ in range(steps):
+        logits = torch.randn(B, V_MODES, generator=gen)
+        logits[:, [EOS, 91, 90, 92, 93]] += torch.tensor([0.8, 1.5, 0.5, 1.0, 1.0])  # special tokens come up
+        step = sample_with_modes(logits, st, top_k=12, generator=g1)
+        free, _ = sample(logits, top_k=12, generator=g2)
+        was_finished = list(ref.finished)
+        expected = ref.step(free.tolist())
+        assert step.tokens.tolist() == expected
+        assert step.forced.tolist() == ref.forced
+        assert step.active.tolist() == [not f for f in was_finished]
+        assert (step.logprobs[~step.active] == 0).all()
+    assert st.finished.tolist() == ref.finished and st.closed.tolist() == ref.closed
+    assert st.opened.tolist() == ref.opened
+    assert st.finished.any() and st.closed.any()  # the test exercised finishing and closing
+
+
+def test_mode_state_bad_input():
+    with pytest.raises(ValueError, match="think_open_ids: empty forced sequence"):
+        ModeState.create([1], [], NO_THINK, CLOSE, eos_id=EOS, pad_id=PAD)
+    with pytest.raises(ValueError, match="think_close_ids: empty"):
+        ModeState.create([1], OPEN, NO_THINK, [], eos_id=EOS, pad_id=PAD)
+    with pytest.raises(ValueError, match="modes: 1 value"):
+        ModeState.create([1, 5], OPEN, NO_THINK, CLOSE, eos_id=EOS, pad_id=PAD)
+    with pytest.raises(ValueError, match="budget"):
+        ModeState.create([1, 0], OPEN, NO_THINK, CLOSE, eos_id=EOS, pad_id=PAD, budget=torch.ones(3))
+    st = ModeState.create([1, 0], OPEN, NO_THINK, CLOSE, eos_id=EOS, pad_id=PAD)
+    with pytest.raises(ValueError, match="logits: batch of 3 rows, but state has 2"):
+        sample_with_modes(torch.zeros(3, V_MODES), st)
+    with pytest.raises(ValueError, match="ids go up to 99"):
+        sample_with_modes(torch.zeros(2, 50), st)
+    with pytest.raises(TypeError, match="state: expected a ModeState"):
+        sample_with_modes(torch.zeros(2, V_MODES), None)
+
+
+def test_public_examples_in_docstrings():
+    import doctest
+
+    runner = doctest.DocTestRunner()
+    for fn in (sampling.sample, sampling.sample_with_modes):
+        for t in doctest.DocTestFinder().find(fn, fn.__name__, globs={}):
+            runner.run(t)
+    assert runner.failures == 0 and runner.tries > 0

@@ -1,0 +1,219 @@
+"""Bi-mode rollout engine: batched generation on a transformers causal LM with its KV cache, every row constrained by
+its R-4B mode through :func:`r4b_fast.ops.sampling.sample_with_modes` (forced ``<think>`` prefixes, thinking budget,
+padding after eos), all on the device.
+
+For BPO, every prompt gets ``g`` rollouts forced into thinking and ``g`` forced into non-thinking in one batch
+(``bpo_modes(g)``); evaluation uses AUTO rows and a thinking budget. Prompts are left-padded; ``attention_mask`` and
+``position_ids`` follow the padding, so a row's tokens do not depend on the other rows of the batch.
+
+Host syncs: one per step (``state.finished.all()``, to stop early); none inside sampling or mode control.
+Text-only, or with precomputed prompt embeddings (``prompt_embeds``: e.g. text embeddings with image features
+merged in, LLaVA style) passed through as ``inputs_embeds`` on the first forward; the engine runs no vision encoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Sequence
+
+import torch
+
+from r4b_fast.modes import Mode
+from r4b_fast.ops.sampling import ModeState, sample_with_modes
+
+
+@dataclasses.dataclass
+class RolloutResult:
+    """Rollouts in prompt order (all rollouts of prompt 0 first, in the order of its modes). ``R`` rollouts,
+    ``N = max_new_tokens``.
+
+    completions:     [R, N] int64 generated tokens (forced ones included), ``pad_id`` after a row finished.
+    completion_mask: [R, N] bool, the row emitted a real token at that step (eos included, padding excluded).
+    forced_mask:     [R, N] bool, the token was forced (mode prefix or budget close sequence), not sampled.
+    logprobs:        [R, N] float32 ``log_softmax(logits / T)[token]`` (temperature-scaled, unfiltered; T = 1 for
+                     greedy), 0 where ``completion_mask`` is False. Train on ``completion_mask & ~forced_mask``.
+    modes:           [R] int64 ``r4b_fast.Mode`` of each rollout.
+    prompt_index:    [R] int64 index of each rollout's prompt.
+    lengths:         [R] int64 emitted tokens (``completion_mask.sum(1)``).
+    think_opened:    [R] bool, the rollout opened a think block (forced or by itself).
+    think_closed:    [R] bool, the think block was closed (by the model, or by the budget's close sequence).
+    finished:        [R] bool, the rollout emitted eos (False: cut at ``max_new_tokens``).
+    steps:           decoding steps run (<= N; the rest of the columns is padding).
+    """
+
+    completions: torch.Tensor
+    completion_mask: torch.Tensor
+    forced_mask: torch.Tensor
+    logprobs: torch.Tensor
+    modes: torch.Tensor
+    prompt_index: torch.Tensor
+    lengths: torch.Tensor
+    think_opened: torch.Tensor
+    think_closed: torch.Tensor
+    finished: torch.Tensor
+    steps: int
+
+    @property
+    def policy_mask(self) -> torch.Tensor:
+        """[R, N] bool: the sampled (trainable) tokens, ``completion_mask & ~forced_mask``."""
+        return self.completion_mask & ~self.forced_mask
+
+
+def bpo_modes(g: int) -> list[int]:
+    """The modes of one BPO group: ``g`` thinking then ``g`` non-thinking rollouts."""
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise ValueError(f"g: expected a positive int, got {g!r}")
+    return [int(Mode.THINK)] * g + [int(Mode.NO_THINK)] * g
+
+
+def _cache_kwarg(model) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+@torch.no_grad()  # not inference_mode: the results feed the training step (old log-probs, ids) as plain tensors
+def generate_rollouts(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    modes: Sequence[Sequence[int]],
+    *,
+    think_open_ids: Sequence[int],
+    no_think_ids: Sequence[int],
+    think_close_ids: Sequence[int],
+    eos_id: int,
+    pad_id: int,
+    max_new_tokens: int,
+    budget: int | None = None,
+    auto_ids: Sequence[int] = (),
+    think_start_id: int | None = None,
+    think_end_id: int | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+    prompt_embeds: Sequence[torch.Tensor] | None = None,
+) -> RolloutResult:
+    """Generate ``sum(len(m) for m in modes)`` rollouts: prompt ``p`` once per entry of ``modes[p]``.
+
+    Args:
+        model: a transformers causal LM (``model(input_ids | inputs_embeds, attention_mask, position_ids, cache,
+            use_cache=True)``), run under ``torch.no_grad`` on its own device and dtype (set ``model.eval()``).
+        prompts: token ids per prompt (the chat template up to and including the assistant turn's start).
+        modes: per prompt, the ``r4b_fast.Mode`` of each of its rollouts (``bpo_modes(g)`` for BPO).
+        think_open_ids / no_think_ids / think_close_ids / auto_ids / think_start_id / think_end_id / eos_id /
+            pad_id / budget: as :meth:`ModeState.create` (the tokenizer's ids, never hard-coded).
+        max_new_tokens: decoding steps at most (forced tokens count).
+        temperature / top_k / top_p / min_p / generator / backend: as :func:`r4b_fast.ops.sampling.sample`.
+        prompt_embeds: optional, per prompt a ``[L_p, H]`` tensor replacing the token embeddings of its prompt
+            (e.g. with image features merged in); ``prompts`` still give the lengths.
+
+    Returns:
+        :class:`RolloutResult`.
+
+    Example:
+        >>> import torch
+        >>> from transformers import Qwen3Config, Qwen3ForCausalLM
+        >>> from r4b_fast.training.rollout import bpo_modes, generate_rollouts
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <...>
+        >>> cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                   num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+        >>> out = generate_rollouts(Qwen3ForCausalLM(cfg).eval(), [[1, 2, 3], [4, 5]], [bpo_modes(1)] * 2,
+        ...     think_open_ids=[60, 61], no_think_ids=[60, 62, 63, 62], think_close_ids=[61, 63, 62],
+        ...     eos_id=59, pad_id=0, max_new_tokens=6, temperature=0.0)
+        >>> out.completions.shape, out.completions[1, :4].tolist()
+        (torch.Size([4, 6]), [60, 62, 63, 62])
+    """
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+    if len(prompts) == 0:
+        raise ValueError("prompts: empty")
+    if len(modes) != len(prompts):
+        raise ValueError(f"modes: {len(modes)} entries for {len(prompts)} prompts; give a list of modes per prompt")
+    prompt_lists = []
+    for i, p in enumerate(prompts):
+        ids = p.tolist() if isinstance(p, torch.Tensor) else list(p)
+        if len(ids) == 0:
+            raise ValueError(f"prompts: prompt {i} is empty")
+        prompt_lists.append([int(t) for t in ids])
+    if prompt_embeds is not None and len(prompt_embeds) != len(prompts):
+        raise ValueError(f"prompt_embeds: {len(prompt_embeds)} entries for {len(prompts)} prompts")
+    device = next(model.parameters()).device
+    row_prompt, row_mode = [], []
+    for p, ms in enumerate(modes):
+        ms = list(ms)
+        if not ms:
+            raise ValueError(f"modes: prompt {p} has no rollouts")
+        row_prompt += [p] * len(ms)
+        row_mode += [int(m) for m in ms]
+    R = len(row_prompt)
+    L = max(len(p) for p in prompt_lists)
+    ids = torch.full((R, L), pad_id, dtype=torch.int64)
+    attn = torch.zeros(R, L, dtype=torch.int64)
+    for r, p in enumerate(row_prompt):
+        n = len(prompt_lists[p])
+        ids[r, L - n :] = torch.tensor(prompt_lists[p])
+        attn[r, L - n :] = 1
+    ids, attn = ids.to(device), attn.to(device)
+    position = (attn.cumsum(1) - 1).clamp_min(0)
+    state = ModeState.create(torch.tensor(row_mode, device=device), think_open_ids, no_think_ids, think_close_ids,
+                             budget=budget, eos_id=eos_id, pad_id=pad_id, auto_ids=auto_ids,
+                             think_start_id=think_start_id, think_end_id=think_end_id)  # fmt: skip
+    cache = _new_cache(model)
+    ckw = _cache_kwarg(model)
+    first = dict(attention_mask=attn, position_ids=position, use_cache=True, **{ckw: cache})
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        first["logits_to_keep"] = 1  # the prompt's last position only, not [R, L, V] logits
+    if prompt_embeds is not None:
+        H = prompt_embeds[0].shape[-1]
+        emb = torch.zeros(R, L, H, dtype=prompt_embeds[0].dtype, device=device)
+        for r, p in enumerate(row_prompt):
+            e = prompt_embeds[p]
+            if e.shape != (len(prompt_lists[p]), H):
+                raise ValueError(f"prompt_embeds: prompt {p} expected shape ({len(prompt_lists[p])}, {H}), "
+                                 f"got {tuple(e.shape)}")  # fmt: skip
+            emb[r, L - e.shape[0] :] = e.to(device)
+        out = model(inputs_embeds=emb, **first)
+    else:
+        out = model(input_ids=ids, **first)
+    logits = out.logits[:, -1].float()
+    next_pos = position[:, -1] + 1
+    completions = torch.full((R, max_new_tokens), pad_id, dtype=torch.int64, device=device)
+    cmask = torch.zeros(R, max_new_tokens, dtype=torch.bool, device=device)
+    fmask = torch.zeros_like(cmask)
+    logprobs = torch.zeros(R, max_new_tokens, dtype=torch.float32, device=device)
+    ones = torch.ones(R, 1, dtype=attn.dtype, device=device)
+    steps = 0
+    for t in range(max_new_tokens):
+        step = sample_with_modes(logits, state, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                 generator=generator, backend=backend)  # fmt: skip
+        completions[:, t] = step.tokens
+        cmask[:, t] = step.active
+        fmask[:, t] = step.forced
+        logprobs[:, t] = step.logprobs
+        steps = t + 1
+        if t == max_new_tokens - 1 or bool(state.finished.all()):  # the one host sync per step
+            break
+        attn = torch.cat([attn, ones], 1)
+        out = model(input_ids=step.tokens[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                    use_cache=True, **{ckw: cache})  # fmt: skip
+        logits = out.logits[:, -1].float()
+        next_pos = next_pos + 1
+    return RolloutResult(
+        completions=completions, completion_mask=cmask, forced_mask=fmask, logprobs=logprobs,
+        modes=state.mode.clone(), prompt_index=torch.tensor(row_prompt, device=device), lengths=cmask.sum(1),
+        think_opened=state.opened.clone(), think_closed=state.closed.clone(), finished=state.finished.clone(),
+        steps=steps,
+    )  # fmt: skip
