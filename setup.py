@@ -20,7 +20,7 @@ setup(
         "r4b_fast.training": "training",
         "r4b_fast.csrc": "csrc",
     },
-    package_data={"r4b_fast.csrc": ["*.cu", "*.cuh"]},
+    package_data={"r4b_fast.csrc": ["*.cu", "*.cuh"], "r4b_fast.training": ["assets/annealed/*", "assets/*.md"]},
     # torch is pinned only in the README's install command (CPU wheel from local disk); a range here
     # lets GPU users keep the CUDA build they already have.
     install_requires=[

@@ -36,7 +36,7 @@ def test_policy_forward_hidden_predicts_the_completion_tokens(tiny_policy_dir):
     from r4b_fast.training.bpo import ModeTokens, load_policy, policy_forward, prompt_embeddings
     from r4b_fast.training.rollout import bpo_modes, generate_rollouts
     from r4b_fast.training.task import prompt_text, sample_items
-    from r4b_fast.training.tiny_model import num_image_tokens, pixel_inputs
+    from r4b_fast.training.tiny_model import image_embeddings, num_image_tokens
 
     model, tok = load_policy(tiny_policy_dir)
     model.eval()
@@ -57,8 +57,13 @@ def test_policy_forward_hidden_predicts_the_completion_tokens(tiny_policy_dir):
             p = int(ro.prompt_index[r])
             n = int(ro.completion_mask[r].sum())
             ids = torch.tensor([prompt_ids[p] + ro.completions[r, :n].tolist()])
-            pv, sizes = pixel_inputs(items[p].image()[None])
-            ref = model(input_ids=ids, pixel_values=pv, image_sizes=sizes).logits[0]
+            # the model's own embedding, vision path and attention on one unpadded sequence; only the prompt's
+            # <image> tokens are placeholders (a sampled <image> in the completion is text)
+            embeds = model.get_input_embeddings()(ids)
+            placeholder = torch.zeros_like(ids, dtype=torch.bool)
+            placeholder[0, : len(prompt_ids[p])] = ids[0, : len(prompt_ids[p])] == tokens.image
+            embeds[placeholder] = image_embeddings(model, items[p].image()[None])
+            ref = model(inputs_embeds=embeds).logits[0]
             torch.testing.assert_close(logits[r, :n], ref[len(prompt_ids[p]) - 1 : len(prompt_ids[p]) - 1 + n],
                                        rtol=1e-4, atol=1e-4)
             # and the rollout's log-probs are those of the same distribution

@@ -23,11 +23,11 @@ from r4b_fast.training.tiny_model import build_tiny_r4b, num_image_tokens, param
 
 def test_items_answers_and_steps():
     hard = Item((3, 5, 7, 2), True)
-    assert hard.answer == "17" and hard.steps == "3+5=8, 8+7=15, 15+2=17"
+    assert hard.answer == "29" and hard.steps == "3*5=15, 7*2=14, 15+14=29"
     easy = Item((3, 5, 7, 2), False)
     assert easy.answer == "3"
-    assert target_text(hard, Mode.THINK) == "<think>\n3+5=8, 8+7=15, 15+2=17\n</think>\n\n17"
-    assert target_text(hard, Mode.NO_THINK) == "<think>\n\n</think>\n\n17"
+    assert target_text(hard, Mode.THINK) == "<think>\n3*5=15, 7*2=14, 15+14=29\n</think>\n\n29"
+    assert target_text(hard, Mode.NO_THINK) == "<think>\n\n</think>\n\n29"
     # the targets earn full reward from the rule-based reward
     assert accuracy_reward(target_text(hard, Mode.THINK), hard.answer) == 1.0
 

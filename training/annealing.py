@@ -126,7 +126,7 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m r4b_fast.training.annealing", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr-llm", type=float, default=2e-3)
     parser.add_argument("--lr-projector", type=float, default=2e-3)
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         start_step = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)["step"]
         print(f"resumed from {checkpoint_dir} at step {start_step}")
-    logger = MetricsLogger(args.output_dir)
+    logger = MetricsLogger(args.output_dir, resume_step=start_step if args.resume else None)
     think_share = sum(m == Mode.THINK for m in train_modes) / len(train_modes)
     print(f"annealing: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {args.steps} steps x "
           f"{args.batch_size}, {think_share:.0%} thinking labels")
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stop_after is not None and done == args.stop_after:
             os._exit(3)  # no cleanup, no final save: what a kill leaves behind
     if args.eval_items:
-        metrics = evaluate(model, tokenizer, sample_items(args.eval_items, args.seed + 10_000), n_img)
+        metrics = evaluate(model, tokenizer, sample_items(args.eval_items, args.seed + 10_000, split="eval"), n_img)
         logger.log(args.steps, {f"eval/{k}": v for k, v in metrics.items()})
         print("eval: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items())))
     logger.close()

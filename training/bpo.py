@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from r4b_fast import group_advantages
+from r4b_fast import group_advantages, pack_multimodal, unpack
 from r4b_fast.modes import Mode
 from r4b_fast.ops.fused_linear_logprobs import fused_linear_logprobs, fused_linear_policy_loss
+from r4b_fast.packed_forward import packed_forward
 from r4b_fast.training.common import MetricsLogger, load_checkpoint, save_checkpoint, set_seed
 from r4b_fast.training.rewards import THINK_CLOSE, THINK_OPEN, accuracy_reward, compute_rewards
 from r4b_fast.training.rollout import bpo_modes, generate_rollouts
@@ -71,12 +72,13 @@ def load_policy(path: Path):
 
 def prompt_embeddings(model, prompt_ids: list[list[int]], items: list[Item], image_id: int) -> list[torch.Tensor]:
     """Per prompt, the token embeddings with the image features written over its ``<image>`` placeholders."""
-    feats = image_embeddings(model, torch.stack([it.image() for it in items]))
+    device = next(model.parameters()).device
+    feats = image_embeddings(model, torch.stack([it.image() for it in items]).to(device))
     per_image = feats.shape[0] // len(items)
     embed = model.get_input_embeddings()
     out = []
     for p, ids in enumerate(prompt_ids):
-        ids_t = torch.tensor(ids)
+        ids_t = torch.tensor(ids, device=device)
         e = embed(ids_t).clone()
         e[ids_t == image_id] = feats[p * per_image : (p + 1) * per_image].to(e.dtype)
         out.append(e)
@@ -102,6 +104,7 @@ def thought(text: str) -> bool:
 def policy_forward(model, items, prompt_ids, rollouts, image_id, pad_id):
     """Hidden states that predict each completion token: ``[R, N, D]`` (gradients reach vision, projector, LLM)."""
     R, N = rollouts.completions.shape
+    device = next(model.parameters()).device
     lens = [len(prompt_ids[p]) for p in rollouts.prompt_index.tolist()]
     width = max(lens) + N
     ids = torch.full((R, width), pad_id, dtype=torch.int64)
@@ -109,17 +112,23 @@ def policy_forward(model, items, prompt_ids, rollouts, image_id, pad_id):
     for r, p in enumerate(rollouts.prompt_index.tolist()):
         n = lens[r]
         ids[r, :n] = torch.tensor(prompt_ids[p])
-        ids[r, n : n + N] = rollouts.completions[r]
+        ids[r, n : n + N] = rollouts.completions[r].cpu()
         attn[r, :n] = 1
-        attn[r, n : n + N] = rollouts.completion_mask[r].long()
-    feats = image_embeddings(model, torch.stack([it.image() for it in items]))  # [P * n_img, D], with grad
+        attn[r, n : n + N] = rollouts.completion_mask[r].long().cpu()
+    ids, attn = ids.to(device), attn.to(device)
+    images = torch.stack([it.image() for it in items]).to(device)
+    feats = image_embeddings(model, images)  # [P * n_img, D], with grad
     per_image = feats.shape[0] // len(items)
     row_feats = feats.view(len(items), per_image, -1)[rollouts.prompt_index].reshape(-1, feats.shape[-1])
-    in_prompt = torch.arange(width)[None, :] < torch.tensor(lens)[:, None]  # a sampled <image> is just a token
-    embeds = model.get_input_embeddings()(ids)
-    embeds = embeds.masked_scatter(((ids == image_id) & in_prompt)[..., None], row_feats.to(embeds.dtype))
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attn).last_hidden_state
-    index = torch.tensor(lens)[:, None] - 1 + torch.arange(N)[None, :]  # position t predicts token t + 1
+    # Pack prompt + completion of every rollout into one sequence (no padding computed). A sampled <image> token
+    # in a completion is text, not a placeholder: hide it from the placeholder search, keep its embedding.
+    in_prompt = torch.arange(width, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+    placeholders = torch.where((ids == image_id) & ~in_prompt, pad_id, ids)
+    packed = pack_multimodal(placeholders, attn, text_embeds=model.get_input_embeddings()(ids),
+                             vision_embeds=row_feats, image_token_id=image_id, rope="1d")
+    hidden = unpack(packed_forward(model.model, packed).last_hidden_state[0], packed)  # [R, width, D]
+    # position lens - 1 + t (the last prompt token, then the completion) predicts completion token t
+    index = torch.tensor(lens, device=device)[:, None] - 1 + torch.arange(N, device=device)[None, :]
     return hidden.gather(1, index[..., None].expand(R, N, hidden.shape[-1]))
 
 
@@ -131,13 +140,17 @@ def evaluate_auto(model, tokenizer, tokens: ModeTokens, items: list[Item], n_img
     Sampled (``temperature``, the same seed at every evaluation) rather than greedy, so that the think rate measures
     how likely the policy is to think, not only which way its most likely token goes.
     """
+    was_training = model.training
+    model.eval()
     prompt_ids = [tokenizer(prompt_text(it, n_img), add_special_tokens=False)["input_ids"] for it in items]
     rollouts = generate_rollouts(
         model, prompt_ids, [[Mode.AUTO]] * len(items), think_open_ids=tokens.think_open, no_think_ids=tokens.no_think,
         think_close_ids=tokens.think_close, auto_ids=tokens.auto, eos_id=tokens.eos, pad_id=tokens.pad,
-        max_new_tokens=max_new_tokens, temperature=temperature, generator=torch.Generator().manual_seed(seed),
+        max_new_tokens=max_new_tokens, temperature=temperature,
+        generator=torch.Generator().manual_seed(seed + 123_457),  # not any training step's generator
         prompt_embeds=prompt_embeddings(model, prompt_ids, items, tokens.image),
     )  # fmt: skip
+    model.train(was_training)
     texts = completion_texts(tokenizer, rollouts)
     metrics = {}
     for hard, name in ((False, "easy"), (True, "hard")):
@@ -152,7 +165,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m r4b_fast.training.bpo", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="annealed model folder (default: shipped tiny)")
     p.add_argument("--algo", choices=("bpo", "grpo"), default="bpo")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--prompts", type=int, default=8, help="prompts per step")
     p.add_argument("--g", type=int, default=4, help="rollouts per mode per prompt (2g per group)")
     p.add_argument("--max-new-tokens", type=int, default=40)
@@ -162,12 +175,15 @@ def parse_args(argv):
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per PPO epoch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per mini-batch")
     p.add_argument("--clip", type=float, default=0.2)
+    p.add_argument("--aggregation", default="seq-mean-token-mean",
+                   choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+                   help="default: the mean over the 2g rollouts of each one's token mean, as the BPO objective")
     p.add_argument("--beta", type=float, default=0.0, help="k3 KL to the frozen initial model (0: no reference)")
     p.add_argument("--hard-fraction", type=float, default=0.5)
-    p.add_argument("--eval-items", type=int, default=64)
-    p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--save-every", type=int, default=20)
-    p.add_argument("--log-every", type=int, default=5, help="print a metrics line every N steps")
+    p.add_argument("--eval-items", type=int, default=128)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--save-every", type=int, default=25)
+    p.add_argument("--log-every", type=int, default=10, help="print a metrics line every N steps")
     p.add_argument("--on-reward-error", choices=("raise", "skip"), default="raise")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -179,6 +195,8 @@ def parse_args(argv):
                  "save_every", "eval_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.temperature <= 0:
+        p.error("--temperature must be > 0 for training (rollouts are sampled and scored at this temperature)")
     if args.prompts * 2 * args.g % (args.mini_batches * args.grad_accum):
         p.error("--mini-batches x --grad-accum must divide the rollouts per step (prompts x 2g)")
     if not args.model.exists():
@@ -201,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         start_step = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)["step"]
         print(f"resumed from {checkpoint_dir} at step {start_step}")
-    logger = MetricsLogger(args.output_dir)
-    eval_items = sample_items(args.eval_items, args.seed + 10_000, args.hard_fraction)
+    logger = MetricsLogger(args.output_dir, resume_step=start_step if args.resume else None)
+    eval_items = sample_items(args.eval_items, args.seed + 10_000, args.hard_fraction, split="eval")
     group = 2 * args.g
     rollout_modes = bpo_modes(args.g) if args.algo == "bpo" else [int(Mode.AUTO)] * group
     print(f"{args.algo}: {args.steps} steps x {args.prompts} prompts x {group} rollouts, model {args.model}")
@@ -233,14 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         report = compute_rewards(texts, answers, accuracy_reward, on_error=args.on_reward_error)
         for row, err in report.failures:
             print(f"step {step + 1}: reward failed for rollout {row} ({err}); it is excluded", file=sys.stderr)
-        rewards = torch.tensor(report.rewards)
+        rewards = torch.tensor(report.rewards, device=rollouts.modes.device)
         # classify auto rollouts by what they did, so that per-mode statistics mean the same in both algorithms
         modes = rollouts.modes.clone()
         if args.algo == "grpo":
-            modes = torch.tensor([int(Mode.THINK if thought(t) else Mode.NO_THINK) for t in texts])
+            modes = torch.tensor([int(Mode.THINK if thought(t) else Mode.NO_THINK) for t in texts], device=modes.device)
         adv = group_advantages(rewards, group, modes=modes, estimator="bpo" if args.algo == "bpo" else "grpo",
                                nonfinite="zero")
-        mask = rollouts.policy_mask
+        mask = rollouts.policy_mask & torch.isfinite(rewards)[:, None]  # a failed reward: never trained on
         ref_logprobs = None
         if reference is not None:
             with torch.no_grad():
@@ -248,12 +266,16 @@ def main(argv: list[str] | None = None) -> int:
                 ref_logprobs = fused_linear_logprobs(ref_hidden.flatten(0, 1), reference.lm_head.weight,
                                                      rollouts.completions.flatten(),
                                                      temperature=args.temperature).view(mask.shape)
-        rows = torch.arange(mask.shape[0])
+        rows = torch.arange(mask.shape[0], device=mask.device)
         metrics_acc: dict[str, list[float]] = {}
         for _epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
                 optimizer.zero_grad(set_to_none=True)
-                mb_tokens = mask[mb].sum().clamp_min(1)  # global token normaliser over the micro-batches
+                # global normaliser over the micro-batches: sequences (seq-mean-*) or tokens (token-mean)
+                if args.aggregation.startswith("seq-mean"):
+                    mb_norm = (mask[mb].sum(1) > 0).sum().clamp_min(1)
+                else:
+                    mb_norm = mask[mb].sum().clamp_min(1)
                 for micro in mb.chunk(args.grad_accum):
                     sub = _select(rollouts, micro)
                     sub_items_idx = sorted(set(sub.prompt_index.tolist()))
@@ -266,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                         old_logprobs=rollouts.logprobs[micro],
                         ref_logprobs=None if ref_logprobs is None else ref_logprobs[micro], beta=args.beta,
                         clip_low=args.clip, clip_high=args.clip, temperature=args.temperature,
-                        aggregation="token-mean", normaliser=mb_tokens,
+                        aggregation=args.aggregation, normaliser=mb_norm,
                     )  # fmt: skip
                     loss.backward()
                     for k, v in {"loss": loss, **m}.items():
@@ -284,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             if sel.any():
                 record[f"reward/{name}"] = float(adv.mode_mean_overall[int(mode)])
                 record[f"length/{name}"] = float(lengths[sel].mean())
-        record["reward/all"] = float(rewards.nan_to_num(0).mean())
+        record["reward/all"] = float(rewards.nanmean())
         record["zero_signal_groups"] = int(adv.zero_signal_groups)
         record["tokens_per_s"] = float(rollouts.lengths.sum()) / elapsed
         record["rollout_s"], record["step_s"] = t_rollout, elapsed

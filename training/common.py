@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,15 @@ def set_seed(seed: int) -> None:
 class MetricsLogger:
     """Appends one JSON object per record to ``metrics.jsonl``; mirrors scalars to TensorBoard when installed."""
 
-    def __init__(self, output_dir: Path, tensorboard: bool = True):
+    def __init__(self, output_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            # drop what was logged after the checkpoint we resume from: those steps run again
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()  # a fresh run into an old folder starts a fresh log
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
@@ -75,15 +82,12 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, ext
         },
         tmp / "trainer_state.pt",
     )
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)  # a leftover of a save that was killed while cleaning up
     if directory.exists():
-        old = directory.with_name(directory.name + ".old")
         directory.rename(old)
-        tmp.rename(directory)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        tmp.rename(directory)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
     return directory
 
 
@@ -92,6 +96,11 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    if not directory.exists():  # killed between the two renames of save_checkpoint: the previous one is in .old
+        for fallback in (directory.with_name(directory.name + ".old"), directory.with_name(directory.name + ".tmp")):
+            if all((fallback / f).exists() for f in CHECKPOINT_FILES):
+                directory = fallback
+                break
     missing = [f for f in CHECKPOINT_FILES if not (directory / f).exists()]
     if missing:
         raise FileNotFoundError(f"resume: checkpoint {directory} lacks {missing}")

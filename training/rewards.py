@@ -11,8 +11,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
+from r4b_fast.training.task import THINK_CLOSE, THINK_OPEN
+
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 
 RewardFn = Callable[[str, str], float]

@@ -1,10 +1,12 @@
 """The embedded synthetic visual task and its local tokenizer (nothing downloaded).
 
 An image is a 2x2 grid of coloured cells; each colour encodes a digit (``PALETTE``). Easy items ask for the first
-digit (answerable directly); hard items ask for the sum of the four digits, where written steps help
-(``"3+5=8, 8+7=15, 15+2=17"``). Annealing data labels items as R-4B does: hard items are labelled thinking with
-probability ``THINK_LABEL_PROB_HARD``, easy items never, so about two thirds of the data is non-thinking and some hard
-items are labelled non-thinking, which leaves the annealed model under-thinking in auto mode ("thinking atrophy").
+digit (answerable directly); hard items ask for the sum of the two row products, where written steps help
+(``"3*5=15, 7*2=14, 15+14=29"``): each step is one table fact, while answering directly means composing two products
+and a sum in one forward pass, which a model this small does poorly. Annealing data labels items as R-4B does: hard
+items are labelled thinking with probability ``THINK_LABEL_PROB_HARD``, easy items never, so about two thirds of the
+data is non-thinking and most hard items are labelled non-thinking, which leaves the annealed model under-thinking in
+auto mode ("thinking atrophy"). About 10% of digit tuples are held out for evaluation (``in_eval_split``).
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ CELL = 8  # pixels per cell side: one 8x8 patch per cell in the tiny vision towe
 IMAGE_SIZE = 2 * CELL
 NUM_DIGITS = 4
 EASY_QUESTION = "What is the first digit?"
-HARD_QUESTION = "What is the sum of all digits?"
-HARD_FRACTION = 0.5
-THINK_LABEL_PROB_HARD = 2 / 3  # -> 1/3 of the data thinking, as R-4B's mix (about two thirds non-thinking)
+HARD_QUESTION = "What is the sum of the row products?"
+# R-4B's mix is about two thirds non-thinking. With 70% hard items of which 45% are labelled thinking, 31.5% of
+# the data is thinking, and most hard items are labelled non-thinking: the annealed model's auto mode under-thinks
+# on hard items (its most likely continuation of "<think>\n" is the empty block), which BPO has to fix.
+HARD_FRACTION = 0.7
+THINK_LABEL_PROB_HARD = 0.45
 
 IMAGE_TOKEN, THINK_OPEN, THINK_CLOSE = "<image>", "<think>", "</think>"
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, IMAGE_TOKEN, THINK_OPEN, THINK_CLOSE, IM_START, IM_END]
-CHARSET = sorted(set("0123456789+=, \n?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_-.:"))
+CHARSET = sorted(set("0123456789+*=, \n?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_-.:"))
 # Whole words of the task's text are single tokens (shorter sequences, faster CPU training); other text falls back
 # to characters, numbers are always spelled digit by digit.
 WORDS = sorted(set(f"{EASY_QUESTION} {HARD_QUESTION} user assistant first cell".replace("?", " ").split()))
@@ -43,6 +48,7 @@ WORDS = sorted(set(f"{EASY_QUESTION} {HARD_QUESTION} user assistant first cell".
 class Item:
     digits: tuple[int, ...]
     hard: bool
+    noise_seed: int = 0  # the image's noise: an item always renders to the same image
 
     @property
     def question(self) -> str:
@@ -50,24 +56,23 @@ class Item:
 
     @property
     def answer(self) -> str:
-        return str(sum(self.digits)) if self.hard else str(self.digits[0])
+        a, b, c, d = self.digits
+        return str(a * b + c * d) if self.hard else str(a)
 
     @property
     def steps(self) -> str:
-        """Written reasoning: running sums for hard items, a reading of the first cell for easy ones."""
+        """Written reasoning: the two row products and their sum for hard items, the first cell for easy ones."""
+        a, b, c, d = self.digits
         if not self.hard:
-            return f"first cell: {self.digits[0]}"
-        parts, total = [], self.digits[0]
-        for d in self.digits[1:]:
-            parts.append(f"{total}+{d}={total + d}")
-            total += d
-        return ", ".join(parts)
+            return f"first cell: {a}"
+        return f"{a}*{b}={a * b}, {c}*{d}={c * d}, {a * b}+{c * d}={a * b + c * d}"
 
     def image(self, noise: float = 0.05, generator: torch.Generator | None = None) -> torch.Tensor:
         """``[3, IMAGE_SIZE, IMAGE_SIZE]`` float32 in [0, 1]: cells in row-major order, plus a little noise."""
         cells = PALETTE[list(self.digits)].view(2, 2, 3)
         img = cells.permute(2, 0, 1).repeat_interleave(CELL, 1).repeat_interleave(CELL, 2)
         if noise:
+            generator = generator or torch.Generator().manual_seed(self.noise_seed)
             img = img + noise * torch.randn(img.shape, generator=generator)
         return img.clamp(0, 1)
 
@@ -86,11 +91,27 @@ def prompt_text(item: Item, num_image_tokens: int) -> str:
     return f"{IM_START}user\n{IMAGE_TOKEN * num_image_tokens}\n{item.question}{IM_END}\n{IM_START}assistant\n"
 
 
-def sample_items(n: int, seed: int, hard_fraction: float = HARD_FRACTION) -> list[Item]:
+def in_eval_split(digits: tuple[int, ...]) -> bool:
+    """About 10% of the 10^4 digit tuples are held out for evaluation: training never sees them (in any mode)."""
+    key = int("".join(map(str, digits)))
+    return (key * 2654435761) % 2**32 % 10 == 0
+
+
+def sample_items(n: int, seed: int, hard_fraction: float = HARD_FRACTION, split: str = "train") -> list[Item]:
+    """``n`` items from the ``"train"`` or ``"eval"`` split (disjoint digit tuples), a function of ``seed`` only."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
     gen = torch.Generator().manual_seed(seed)
-    digits = torch.randint(0, 10, (n, NUM_DIGITS), generator=gen).tolist()
-    hard = (torch.rand(n, generator=gen) < hard_fraction).tolist()
-    return [Item(tuple(d), h) for d, h in zip(digits, hard)]
+    items: list[Item] = []
+    while len(items) < n:
+        m = 2 * (n - len(items)) + 16
+        digits = torch.randint(0, 10, (m, NUM_DIGITS), generator=gen).tolist()
+        hard = (torch.rand(m, generator=gen) < hard_fraction).tolist()
+        seeds = torch.randint(0, 2**31 - 1, (m,), generator=gen).tolist()
+        for d, h, s in zip(digits, hard, seeds):
+            if in_eval_split(tuple(d)) == (split == "eval") and len(items) < n:
+                items.append(Item(tuple(d), h, s))
+    return items
 
 
 def annealing_labels(items: list[Item], seed: int) -> list[Mode]:
@@ -106,14 +127,13 @@ def build_dataset(n: int, seed: int, with_labels: bool = True):
 
     items = sample_items(n, seed)
     labels = annealing_labels(items, seed) if with_labels else [None] * n
-    gen = torch.Generator().manual_seed(seed + 2)
     return datasets.Dataset.from_dict(
         {
             "digits": [list(it.digits) for it in items],
             "hard": [it.hard for it in items],
             "question": [it.question for it in items],
             "answer": [it.answer for it in items],
-            "image": [it.image(generator=gen).tolist() for it in items],
+            "image": [it.image().tolist() for it in items],
             "mode": [None if m is None else int(m) for m in labels],
         }
     )
