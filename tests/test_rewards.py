@@ -15,7 +15,8 @@ from r4b_fast.training.rewards import accuracy_reward, compute_rewards, extract_
         ("<think>\n3+5=8, 8+7=15\n</think>\n\n15", "15"),
         ("<think>\n\n</think>\n\n15", "15"),
         ("15", "15"),
-        ("<think>\n</think> x </think>\n\n 7 ", "7"),  # the last </think> wins
+        ("<think>\n</think> x </think>\n\n 7 ", None),  # two closes: malformed
+        ("<think>\n\n</think>\n\n<think>\n3+4=7\n</think>\n\n7", None),  # a second block after the forced one
         ("<think>\nsteps\n</think>\n\n", None),  # closed but no answer
         ("<think>\n3+5=8, 8+7=", None),  # never closed: no answer
     ],

@@ -21,9 +21,13 @@ RewardFn = Callable[[str, str], float]
 def extract_answer(completion: str) -> str | None:
     """The final answer of a completion: the text after the last ``</think>``, stripped.
 
-    Returns None for a thinking rollout that never closed its think block (it gave no answer), or an empty answer.
+    Returns None for a thinking rollout that never closed its think block (it gave no answer), an empty answer, or a
+    completion with more than one think block: a non-thinking rollout (whose empty block is forced) must not earn its
+    reward by opening a second block and thinking after all.
     A completion without any think markup is taken whole.
     """
+    if completion.count(THINK_OPEN) > 1 or completion.count(THINK_CLOSE) > 1:
+        return None
     if THINK_CLOSE in completion:
         answer = completion.rsplit(THINK_CLOSE, 1)[1]
     elif THINK_OPEN in completion:
