@@ -25,7 +25,7 @@ setup(
     # lets GPU users keep the CUDA build they already have.
     install_requires=[
         "torch>=2.6", "triton>=3.2", "transformers>=4.51", "datasets>=3.0", "filelock", "numpy", "safetensors", "tqdm",
-        "matplotlib", "tensorboard",
+        "matplotlib", "tensorboard", "pillow",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=5", "hypothesis>=6.100", "ruff>=0.8"],

@@ -153,8 +153,8 @@ def evaluate_auto(model, tokenizer, tokens: ModeTokens, items: list[Item], n_img
     model.train(was_training)
     texts = completion_texts(tokenizer, rollouts)
     metrics = {}
-    for hard, name in ((False, "easy"), (True, "hard")):
-        rows = [(t, it) for t, it in zip(texts, items) if it.hard == hard]
+    for hard, name in ((False, "easy"), (True, "hard"), (None, "all")):  # "all": rows of unknown difficulty
+        rows = [(t, it) for t, it in zip(texts, items) if it.hard is hard]
         if rows:
             metrics[f"eval/acc_auto_{name}"] = sum(accuracy_reward(t, it.answer) for t, it in rows) / len(rows)
             metrics[f"eval/think_rate_{name}"] = sum(thought(t) for t, _ in rows) / len(rows)
@@ -179,7 +179,14 @@ def parse_args(argv):
                    choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
                    help="default: the mean over the 2g rollouts of each one's token mean, as the BPO objective")
     p.add_argument("--beta", type=float, default=0.0, help="k3 KL to the frozen initial model (0: no reference)")
-    p.add_argument("--hard-fraction", type=float, default=0.5)
+    p.add_argument("--hard-fraction", type=float, default=0.5, help="embedded task: share of hard prompts")
+    p.add_argument("--dataset", type=Path, default=None,
+                   help="jsonl/parquet with image, question, answer (optional hard); default: the embedded task")
+    p.add_argument("--eval-dataset", type=Path, default=None,
+                   help="held-out rows for evaluation; default with --dataset: every 10th row, left out of training")
+    p.add_argument("--on-bad-row", choices=("raise", "skip"), default="raise",
+                   help="a row without answer, an undecodable image, a prompt over --max-prompt-tokens")
+    p.add_argument("--max-prompt-tokens", type=int, default=1024)
     p.add_argument("--eval-items", type=int, default=128)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=25)
@@ -220,11 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         start_step = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)["step"]
         print(f"resumed from {checkpoint_dir} at step {start_step}")
     logger = MetricsLogger(args.output_dir, resume_step=start_step if args.resume else None)
-    eval_items = sample_items(args.eval_items, args.seed + 10_000, args.hard_fraction, split="eval")
+    train_rows, eval_items = _data(args, tokenizer, n_img)
     group = 2 * args.g
     rollout_modes = bpo_modes(args.g) if args.algo == "bpo" else [int(Mode.AUTO)] * group
     print(f"{args.algo}: {args.steps} steps x {args.prompts} prompts x {group} rollouts, model {args.model}")
-    if start_step == 0 and args.eval_items:
+    if start_step == 0 and eval_items:
         before = evaluate_auto(model, tokenizer, tokens, eval_items, n_img, args.max_new_tokens, args.temperature,
                                args.seed)
         logger.log(0, before)
@@ -232,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     for step in tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc=args.algo, disable=None):
         t0 = time.perf_counter()
         # data position = step: the prompts and the sampling noise of a step depend on (seed, step) only
-        items = sample_items(args.prompts, args.seed * 1_000_003 + step, args.hard_fraction)
+        if train_rows is None:
+            items = sample_items(args.prompts, args.seed * 1_000_003 + step, args.hard_fraction)
+        else:
+            items = [train_rows[(step * args.prompts + i) % len(train_rows)] for i in range(args.prompts)]
         gen = torch.Generator().manual_seed(args.seed * 7_000_003 + step)
         prompt_ids = [tokenizer(prompt_text(it, n_img), add_special_tokens=False)["input_ids"] for it in items]
         model.eval()
@@ -310,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         record["zero_signal_groups"] = int(adv.zero_signal_groups)
         record["tokens_per_s"] = float(rollouts.lengths.sum()) / elapsed
         record["rollout_s"], record["step_s"] = t_rollout, elapsed
-        if args.eval_items and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+        if eval_items and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             record.update(evaluate_auto(model, tokenizer, tokens, eval_items, n_img, args.max_new_tokens,
                                         args.temperature, args.seed))
         logger.log(step + 1, record)
@@ -333,6 +343,38 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"curves: {plot_run(args.output_dir)}")
     return 0
+
+
+def _data(args, tokenizer, n_img):
+    """Training rows (None: the embedded task, sampled per step) and evaluation items."""
+    if args.dataset is None:
+        return None, sample_items(args.eval_items, args.seed + 10_000, args.hard_fraction, split="eval")
+    from r4b_fast.training.data import BadRowError, load_rows
+
+    def checked(path):
+        rows, bad = load_rows(path, on_bad_row=args.on_bad_row)
+        kept = []
+        for index, row in enumerate(rows):
+            n = len(tokenizer(prompt_text(row, n_img), add_special_tokens=False)["input_ids"])
+            if n <= args.max_prompt_tokens:
+                kept.append(row)
+                continue
+            reason = f"prompt of {n} tokens exceeds --max-prompt-tokens {args.max_prompt_tokens}"
+            if args.on_bad_row == "raise":
+                raise BadRowError(f"dataset {path.name}, usable row {index}: {reason}")
+            bad.append((index, reason))
+        for index, reason in bad:
+            print(f"skipped {path.name} row {index}: {reason}", file=sys.stderr)
+        if not kept:
+            raise ValueError(f"--dataset: no usable rows left in {path}")
+        return kept
+
+    rows = checked(args.dataset)
+    if args.eval_dataset is not None:
+        return rows, checked(args.eval_dataset)[: args.eval_items]
+    if len(rows) < 10:
+        return rows, []  # too few rows to hold any out: no evaluation
+    return [r for i, r in enumerate(rows) if i % 10], [r for i, r in enumerate(rows) if i % 10 == 0][: args.eval_items]
 
 
 def _select(rollouts, rows: torch.Tensor):

@@ -1,0 +1,103 @@
+"""Your own data for the loops: jsonl or parquet rows with an image, a question and an answer.
+
+Columns: ``question`` (str), ``answer`` (str or number), ``image`` (a file path relative to the data file or absolute,
+raw bytes, or ``{"bytes": ..., "path": ...}`` as datasets' Image feature stores it), optional ``hard`` (bool, for
+per-difficulty evaluation) and ``mode`` (``"think"`` / ``"no_think"`` or 1 / 0, used by annealing). Every bad row is
+reported with its index and reason; ``on_bad_row="raise"`` stops at the first, ``"skip"`` leaves it out — it is never
+trained on.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from r4b_fast.modes import Mode
+from r4b_fast.training.task import IMAGE_SIZE
+
+_MODES = {"think": Mode.THINK, "no_think": Mode.NO_THINK, 1: Mode.THINK, 0: Mode.NO_THINK}
+
+
+@dataclass(frozen=True)
+class DataItem:
+    """One row, with the interface of the embedded task's ``Item`` (question, answer, hard, image())."""
+
+    question: str
+    answer: str
+    pixels: torch.Tensor  # [3, IMAGE_SIZE, IMAGE_SIZE] float32 in [0, 1]
+    hard: bool | None = None
+    mode: Mode | None = None
+
+    def image(self) -> torch.Tensor:
+        return self.pixels
+
+
+class BadRowError(ValueError):
+    """A data row that cannot be trained on; the message names the row and the reason."""
+
+
+def _decode_image(value, base: Path) -> torch.Tensor:
+    from PIL import Image
+
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        img = Image.open(io.BytesIO(value))
+    elif isinstance(value, str):
+        path = Path(value) if Path(value).is_absolute() else base / value
+        img = Image.open(path)
+    else:
+        raise ValueError(f"image: expected a path, bytes or {{'bytes', 'path'}}, got {type(value).__name__}")
+    img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))  # the tiny model's input size
+    return torch.tensor(list(img.getdata()), dtype=torch.float32).view(IMAGE_SIZE, IMAGE_SIZE, 3).permute(2, 0, 1) / 255
+
+
+def _parse_row(row: dict, base: Path) -> DataItem:
+    question = row.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("question: missing or empty")
+    answer = row.get("answer")
+    if answer is None or (isinstance(answer, str) and not answer.strip()):
+        raise ValueError("answer: missing or empty")
+    if row.get("image") is None:
+        raise ValueError("image: missing")
+    try:
+        pixels = _decode_image(row["image"], base)
+    except Exception as err:  # PIL raises many types for a corrupt or missing file
+        raise ValueError(f"image: cannot be decoded ({type(err).__name__}: {err})") from err
+    mode = row.get("mode")
+    if mode is not None:
+        if mode not in _MODES:
+            raise ValueError(f"mode: expected 'think', 'no_think', 1 or 0, got {mode!r}")
+        mode = _MODES[mode]
+    hard = row.get("hard")
+    return DataItem(question.strip(), str(answer).strip(), pixels, None if hard is None else bool(hard), mode)
+
+
+def load_rows(path: Path | str, *, on_bad_row: str = "raise") -> tuple[list[DataItem], list[tuple[int, str]]]:
+    """Read a jsonl/json or parquet file with ``datasets``; return the good rows and ``(row, reason)`` of the bad."""
+    import datasets  # training-data code only
+
+    if on_bad_row not in ("raise", "skip"):
+        raise ValueError(f"on_bad_row: expected 'raise' or 'skip', got {on_bad_row!r}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset: {path} does not exist")
+    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    if path.suffix not in kinds:
+        raise ValueError(f"dataset: expected a .jsonl, .json or .parquet file, got {path.name}")
+    table = datasets.load_dataset(kinds[path.suffix], data_files=str(path), split="train")
+    items, bad = [], []
+    for index, row in enumerate(table):
+        try:
+            items.append(_parse_row(row, path.parent))
+        except ValueError as err:
+            if on_bad_row == "raise":
+                raise BadRowError(f"dataset {path.name}, row {index}: {err}") from err
+            bad.append((index, str(err)))
+    if not items:
+        raise ValueError(f"dataset: no usable rows in {path} ({len(bad)} bad)")
+    return items, bad
