@@ -22,7 +22,15 @@ from tqdm.auto import tqdm
 from r4b_fast import fused_linear_logprobs, pack_multimodal
 from r4b_fast.modes import Mode
 from r4b_fast.packed_forward import packed_forward
-from r4b_fast.training.common import MetricsLogger, load_checkpoint, save_checkpoint, set_seed
+from r4b_fast.training.common import (
+    MetricsLogger,
+    full_state_dict,
+    init_distributed,
+    load_checkpoint,
+    save_checkpoint,
+    set_seed,
+    shard_model,
+)
 from r4b_fast.training.task import (
     THINK_CLOSE,
     THINK_OPEN,
@@ -66,10 +74,11 @@ def encode_sft_batch(tokenizer, items: list[Item], modes: list[Mode], n_image_to
     return input_ids, mask, label_ids, images
 
 
-def sft_loss(model, input_ids, attention_mask, labels, images) -> tuple[torch.Tensor, int]:
+def sft_loss(model, input_ids, attention_mask, labels, images, normaliser=None) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over assistant tokens, and their count, on the project's ops: the padded batch
     is packed into one sequence (``pack_multimodal``: no padding computed), run through the model with varlen
-    attention (``packed_forward``), and scored from the LM head's input (``fused_linear_logprobs``: no logits)."""
+    attention (``packed_forward``), and scored from the LM head's input (``fused_linear_logprobs``: no logits).
+    ``normaliser``: divide the summed loss by this (the global token count under data parallelism) instead."""
     vision = image_embeddings(model, images)
     packed = pack_multimodal(input_ids, attention_mask, model.get_input_embeddings().weight, vision,
                              image_token_id=model.config.image_token_index, rope="1d")
@@ -79,7 +88,7 @@ def sft_loss(model, input_ids, attention_mask, labels, images) -> tuple[torch.Te
     targets = packed.pack(next_labels)
     n_tokens = int((targets != -100).sum())
     logp = fused_linear_logprobs(hidden, model.lm_head.weight, targets)
-    return -logp.sum() / max(n_tokens, 1), n_tokens
+    return -logp.sum() / (normaliser if normaliser is not None else max(n_tokens, 1)), n_tokens
 
 
 @torch.no_grad()
@@ -146,9 +155,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be positive")
 
     set_seed(args.seed)
+    rank, world = init_distributed()
+    if world > 1 and (args.resume or args.stop_after or args.batch_size % world):
+        parser.error("under torchrun: --batch-size must divide by the world size; --resume is not supported yet")
     tokenizer = build_tokenizer()
     model = build_tiny_r4b(tokenizer, hidden_size=args.hidden_size, layers=args.layers, seed=args.seed)
     n_img = num_image_tokens(model)
+    loss_module = shard_model(model, sft_loss) if world > 1 else None  # FSDP2; same seeded weights on every rank
     optimizer = torch.optim.AdamW(parameter_groups(model, args.lr_vision, args.lr_projector, args.lr_llm))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, args.steps, args.warmup))
     train_items = sample_items(args.steps * args.batch_size, args.seed)
@@ -158,36 +171,59 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         start_step = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)["step"]
         print(f"resumed from {checkpoint_dir} at step {start_step}")
-    logger = MetricsLogger(args.output_dir, resume_step=start_step if args.resume else None)
+    logger = MetricsLogger(args.output_dir, resume_step=start_step if args.resume else None) if rank == 0 else None
     think_share = sum(m == Mode.THINK for m in train_modes) / len(train_modes)
-    print(f"annealing: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {args.steps} steps x "
-          f"{args.batch_size}, {think_share:.0%} thinking labels")
+    if rank == 0:
+        print(f"annealing: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {args.steps} steps x "
+              f"{args.batch_size}, {think_share:.0%} thinking labels, {world} process(es)")
     start = time.perf_counter()
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="annealing",
-                    disable=None)
+                    disable=None if rank == 0 else True)
     for step in progress:
-        lo = step * args.batch_size
-        # data position = step: items (and their images) are a function of (seed, index), so resume is exact
-        batch = encode_sft_batch(tokenizer, train_items[lo : lo + args.batch_size],
-                                 train_modes[lo : lo + args.batch_size], n_img)
-        loss, n_tokens = sft_loss(model, *batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # data position = step: items (and their images) are a function of (seed, index), so resume is exact;
+        # under torchrun each rank takes its contiguous share of the step's batch
+        share = args.batch_size // world
+        lo = step * args.batch_size + rank * share
+        batch = encode_sft_batch(tokenizer, train_items[lo : lo + share], train_modes[lo : lo + share], n_img)
+        if world > 1:  # the global token normaliser; x world because FSDP averages gradients over ranks
+            n_global = (batch[2][:, 1:] != -100).sum()
+            torch.distributed.all_reduce(n_global)
+            loss, n_tokens = loss_module(*batch, normaliser=n_global)
+            (loss * world).backward()
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)  # the global token mean, what one process would log
+        else:
+            loss, n_tokens = sft_loss(model, *batch)
+            loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         elapsed = round(time.perf_counter() - start, 2)
-        logger.log(step + 1, {"loss": loss.item(), "grad_norm": grad_norm.item(), "tokens": n_tokens,
-                              "lr_llm": scheduler.get_last_lr()[-1], "elapsed_s": elapsed})
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if logger is not None:
+            logger.log(step + 1, {"loss": loss.item(), "grad_norm": grad_norm.item(), "tokens": n_tokens,
+                                  "lr_llm": scheduler.get_last_lr()[-1], "elapsed_s": elapsed})
         progress.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % 50 == 0:
+        if (step + 1) % 50 == 0 and rank == 0:
             tqdm.write(f"step {step + 1}/{args.steps}: loss {loss.item():.4f} ({elapsed:.0f} s)")
         done = step + 1
-        if done == args.steps or (args.save_every and done % args.save_every == 0):
+        if world == 1 and (done == args.steps or (args.save_every and done % args.save_every == 0)):
             save_checkpoint(checkpoint_dir, model, optimizer, scheduler, done)
         if args.stop_after is not None and done == args.stop_after:
             os._exit(3)  # no cleanup, no final save: what a kill leaves behind
-    if args.eval_items:
+    if world > 1:  # gather the shards; rank 0 writes a plain transformers folder
+        state = {k.removeprefix("model."): v for k, v in full_state_dict(loss_module).items()}
+        if rank == 0:
+            plain = build_tiny_r4b(tokenizer, hidden_size=args.hidden_size, layers=args.layers, seed=args.seed)
+            plain.load_state_dict(state)
+            model = plain
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return 0
+        if args.eval_items:
+            print("evaluation runs after single-process training only; skipped under torchrun")
+    elif args.eval_items:
         metrics = evaluate(model, tokenizer, sample_items(args.eval_items, args.seed + 10_000, split="eval"), n_img)
         logger.log(args.steps, {f"eval/{k}": v for k, v in metrics.items()})
         print("eval: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items())))

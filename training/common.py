@@ -111,3 +111,50 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
     torch.set_rng_state(state["rng_torch"])
     random.setstate(state["rng_python"])
     return {"step": state["step"], "extra": state["extra"]}
+
+
+def init_distributed() -> tuple[int, int]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group (NCCL on GPUs, gloo on CPU); returns
+    ``(rank, world_size)``, ``(0, 1)`` for a plain run."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+class LossModule(torch.nn.Module):
+    """Wraps ``loss_fn(model, *args)`` as the module FSDP2 shards at the root, so that the root's parameters
+    (embeddings, tied head, vision tower, projector) are gathered for, and reduced after, a computation that reads
+    them directly (the fused loss reads ``lm_head.weight``, packing reads the embedding table)."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, *args, **kwargs):
+        return self.loss_fn(self.model, *args, **kwargs)
+
+
+def shard_model(model, loss_fn) -> LossModule:
+    """FSDP2: each decoder layer of the language model its own unit, everything else in the root unit (the
+    returned :class:`LossModule`, to call instead of ``loss_fn(model, ...)``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.language_model.layers:
+        fully_shard(layer)
+    root = LossModule(model, loss_fn)
+    fully_shard(root)
+    return root
+
+
+def full_state_dict(model) -> dict:
+    """The unsharded state dict (every rank must call it; ``{}`` for plain tensors is never returned)."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
+
