@@ -206,7 +206,9 @@ def parse_args(argv):
         p.error("--temperature must be > 0 for training (rollouts are sampled and scored at this temperature)")
     if args.prompts * 2 * args.g % (args.mini_batches * args.grad_accum):
         p.error("--mini-batches x --grad-accum must divide the rollouts per step (prompts x 2g)")
-    if not args.model.exists():
+    name = str(args.model)
+    hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))  # "org/model": from_pretrained fetches it
+    if not args.model.exists() and not hub_id:
         p.error(f"--model: {args.model} does not exist (run `python -m r4b_fast.training.annealing` to make one)")
     return args
 
