@@ -24,7 +24,7 @@ def tiny_policy_dir(tmp_path_factory):
 
 
 def test_thought_classifies_think_blocks():
-    from r4b_fast.training.bpo import thought
+    from r4b_fast.training.rewards import thought
 
     assert thought("<think>\n1+2=3\n</think>\n\n3")
     assert not thought("<think>\n\n</think>\n\n3")

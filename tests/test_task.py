@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from r4b_fast.modes import Mode
-from r4b_fast.training.annealing import MODE_PREFIX, cosine_with_warmup, encode_sft_batch, sft_loss
+from r4b_fast.training.annealing import cosine_with_warmup, encode_sft_batch, sft_loss
 from r4b_fast.training.rewards import accuracy_reward
 from r4b_fast.training.task import (
     CELL,
+    MODE_PREFIX,
     PALETTE,
     Item,
     annealing_labels,

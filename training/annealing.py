@@ -32,8 +32,7 @@ from r4b_fast.training.common import (
     shard_model,
 )
 from r4b_fast.training.task import (
-    THINK_CLOSE,
-    THINK_OPEN,
+    MODE_PREFIX,
     Item,
     annealing_labels,
     build_tokenizer,
@@ -48,13 +47,6 @@ from r4b_fast.training.tiny_model import (
     parameter_groups,
     pixel_inputs,
 )
-
-# What follows the assistant turn's start in each mode (R-4B): the model continues from there.
-MODE_PREFIX = {
-    Mode.THINK: f"{THINK_OPEN}\n",
-    Mode.NO_THINK: f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n",
-    Mode.AUTO: THINK_OPEN,
-}
 
 
 def encode_sft_batch(tokenizer, items: list[Item], modes: list[Mode], n_image_tokens: int):
@@ -107,7 +99,7 @@ def greedy_answers(model, tokenizer, items: list[Item], mode: Mode, n_image_toke
 
 def evaluate(model, tokenizer, items: list[Item], n_image_tokens: int) -> dict[str, float]:
     """Accuracy per forced mode and per difficulty, and the think rate of auto mode per difficulty."""
-    from r4b_fast.training.rewards import accuracy_reward
+    from r4b_fast.training.rewards import accuracy_reward, thought
 
     model.eval()
     metrics = {}
@@ -119,9 +111,8 @@ def evaluate(model, tokenizer, items: list[Item], n_image_tokens: int) -> dict[s
                 continue
             acc = sum(accuracy_reward(c, it.answer) for c, it in rows) / len(rows)
             metrics[f"acc_{mode.name.lower()}_{name}"] = acc
-            if mode == Mode.AUTO:  # thought = wrote something inside the think block
-                thought = [c.partition(THINK_CLOSE)[0].strip() not in ("", THINK_OPEN) for c, _ in rows]
-                metrics[f"think_rate_{name}"] = sum(thought) / len(rows)
+            if mode == Mode.AUTO:
+                metrics[f"think_rate_{name}"] = sum(thought(c) for c, _ in rows) / len(rows)
     model.train()
     return metrics
 

@@ -30,9 +30,9 @@ from r4b_fast.modes import Mode
 from r4b_fast.ops.fused_linear_logprobs import fused_linear_logprobs, fused_linear_policy_loss
 from r4b_fast.packed_forward import packed_forward
 from r4b_fast.training.common import MetricsLogger, load_checkpoint, save_checkpoint, set_seed
-from r4b_fast.training.rewards import THINK_CLOSE, THINK_OPEN, accuracy_reward, compute_rewards
+from r4b_fast.training.rewards import accuracy_reward, compute_rewards, thought
 from r4b_fast.training.rollout import bpo_modes, generate_rollouts
-from r4b_fast.training.task import Item, prompt_text, sample_items
+from r4b_fast.training.task import IMAGE_TOKEN, MODE_PREFIX, THINK_CLOSE_SEQUENCE, Item, prompt_text, sample_items
 from r4b_fast.training.tiny_model import image_embeddings, num_image_tokens
 
 ASSETS = Path(__file__).parent / "assets"
@@ -56,8 +56,9 @@ class ModeTokens:
         def ids(text):
             return tok(text, add_special_tokens=False)["input_ids"]
 
-        return cls(ids(f"{THINK_OPEN}\n"), ids(f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"), ids(f"\n{THINK_CLOSE}\n\n"),
-                   ids(THINK_OPEN), tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids("<image>"))
+        return cls(ids(MODE_PREFIX[Mode.THINK]), ids(MODE_PREFIX[Mode.NO_THINK]), ids(THINK_CLOSE_SEQUENCE),
+                   ids(MODE_PREFIX[Mode.AUTO]), tok.eos_token_id, tok.pad_token_id,
+                   tok.convert_tokens_to_ids(IMAGE_TOKEN))
 
 
 def load_policy(path: Path):
@@ -91,14 +92,6 @@ def completion_texts(tokenizer, rollouts) -> list[str]:
         ids = [t for t, m in zip(row, mask) if m and t != tokenizer.eos_token_id]
         texts.append(tokenizer.decode(ids))
     return texts
-
-
-def thought(text: str) -> bool:
-    """The rollout wrote something inside its think block."""
-    if THINK_OPEN not in text:
-        return False
-    inside = text.split(THINK_OPEN, 1)[1].split(THINK_CLOSE, 1)[0]
-    return bool(inside.strip())
 
 
 def policy_forward(model, items, prompt_ids, rollouts, image_id, pad_id):

@@ -38,6 +38,14 @@ def extract_answer(completion: str) -> str | None:
     return answer or None
 
 
+def thought(completion: str) -> bool:
+    """The completion wrote something inside its think block."""
+    if THINK_OPEN not in completion:
+        return False
+    inside = completion.split(THINK_OPEN, 1)[1].split(THINK_CLOSE, 1)[0]
+    return bool(inside.strip())
+
+
 def _as_number(text: str) -> float | None:
     found = _NUMBER.findall(text.replace(",", ""))
     if len(found) != 1:  # "12" -> 12; "3+5=8" or "" -> not a single number

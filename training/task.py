@@ -77,12 +77,21 @@ class Item:
         return img.clamp(0, 1)
 
 
+# What follows the start of the assistant turn in each mode (R-4B); the model continues from there.
+MODE_PREFIX = {
+    Mode.THINK: f"{THINK_OPEN}\n",
+    Mode.NO_THINK: f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n",
+    Mode.AUTO: THINK_OPEN,
+}
+THINK_CLOSE_SEQUENCE = f"\n{THINK_CLOSE}\n\n"  # what a thinking budget forces to end a think block
+
+
 def target_text(item: Item, mode: Mode) -> str:
     """The assistant turn for a mode, in R-4B's format."""
     if mode == Mode.THINK:
-        return f"{THINK_OPEN}\n{item.steps}\n{THINK_CLOSE}\n\n{item.answer}"
+        return f"{MODE_PREFIX[Mode.THINK]}{item.steps}{THINK_CLOSE_SEQUENCE}{item.answer}"
     if mode == Mode.NO_THINK:
-        return f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n{item.answer}"
+        return f"{MODE_PREFIX[Mode.NO_THINK]}{item.answer}"
     raise ValueError(f"mode: a target needs THINK or NO_THINK, got {mode!r}")
 
 
