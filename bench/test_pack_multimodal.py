@@ -1,7 +1,9 @@
 """pack_multimodal: transformers' path (embedding + masked_scatter + Qwen2.5-VL get_rope_index + unpad) vs r4b_fast's
 backends, M-RoPE, 0-8 images per sample. ``ratio_to_copy``: time / time of a plain copy of the packed embeddings
 (the op's memory-bound limit), measured in the same test: ``ratio_to_copy`` against ``clone()`` (the copy allocates
-its output like every implementation), ``ratio_to_copy_prealloc`` against a copy into a preallocated buffer."""
+its output like every implementation), ``ratio_to_copy_prealloc`` against a copy into a preallocated buffer.
+On the HF row ``ratio_to_copy`` is therefore the largest speed-up any implementation that writes its output can
+reach at that shape. (CPU runs use transparent huge pages for large tensors, see ``conftest.py``.)"""
 
 import time
 

@@ -140,6 +140,29 @@ def test_bf16_within_twice_eager_error(backend_device):
         assert e_ours <= 2 * e_eager + 1e-3 * g_ref.abs().max().item(), (what, e_ours, e_eager)
 
 
+def test_autocast_runs_the_head_in_the_autocast_dtype():
+    """Under torch.autocast(bf16) fp32 hidden/weight give exactly what explicitly cast bf16 inputs give (as
+    nn.Linear would), and the gradients reach the fp32 tensors in fp32; outside autocast nothing is cast."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 32, generator=gen, requires_grad=True)
+    w = torch.randn(301, 32, generator=gen, requires_grad=True)
+    y = torch.randint(0, 301, (37,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = fused_linear_logprobs(h, w, y, backend="torch")
+        loss, _ = fused_linear_policy_loss(h.view(1, 37, 32), w, y.view(1, 37), torch.ones(1), torch.ones(1, 37))
+    lp.sum().backward()
+    hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    lp_b = fused_linear_logprobs(hb, wb, y, backend="torch")
+    lp_b.sum().backward()
+    torch.testing.assert_close(lp, lp_b, rtol=0, atol=0)
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+    torch.testing.assert_close(h.grad, hb.grad.float(), rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, wb.grad.float(), rtol=0, atol=0)
+    fp32 = fused_linear_logprobs(h.detach(), w.detach(), y, backend="torch")
+    assert (fp32 - lp.detach()).abs().max() > 0  # the cast did happen (bf16 rounding differs from fp32)
+    assert torch.isfinite(loss)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # logprobs_from_logits
 # ----------------------------------------------------------------------------------------------------------------

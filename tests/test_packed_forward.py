@@ -79,9 +79,9 @@ def test_qwen25vl_packed_equals_padded_forward_and_gradients():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# LLaVA-OneVision with a Qwen3 text model (R-4B): vision features fed directly (no SigLIP tower / AnyRes run)
+# LLaVA-OneVision with a Qwen3 text model (R-4B): vision features fed directly, then the full SigLIP + AnyRes path
 # ---------------------------------------------------------------------------------------------------------------
-def tiny_llava_onevision_qwen3(**text):
+def tiny_llava_onevision_qwen3(llava=None, **text):
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     cfg = LlavaOnevisionConfig(
@@ -90,7 +90,7 @@ def tiny_llava_onevision_qwen3(**text):
                          max_position_embeddings=512, **text),
         vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
                            num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4),
-        image_token_id=IMG, video_token_id=101,
+        image_token_id=IMG, video_token_id=101, **(llava or {}),
     )  # fmt: skip
     torch.manual_seed(0)
     return LlavaOnevisionForConditionalGeneration(cfg).float()
@@ -128,6 +128,89 @@ def test_llava_onevision_qwen3_packed_equals_padded_forward_and_gradients(source
     (logits[0] * w).sum().backward()
     _compare_grads(_param_grads(model), want_grads)
     torch.testing.assert_close(vision.grad, vision_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+# AnyRes at the tiny scale: 8x8 crops of 2x2 SigLIP patches (4 tokens each), grid pinpoints up to 16x16 pixels.
+ANYRES = dict(image_grid_pinpoints=[[8, 8], [8, 16], [16, 8], [16, 16]], vision_aspect_ratio="anyres_max_2",
+              vision_feature_layer=-1, vision_feature_select_strategy="full")  # fmt: skip
+LLAVA_IMAGES = (0, 1, 3, 1, 1)  # images per sample (batch_num_images)
+# (H, W) of each image in batch order, and the placeholders transformers' AnyRes path gives it (as
+# LlavaOnevisionProcessor counts them): a sample with one image gets base view + grid crops, unpadded to its aspect
+# ratio, one newline per row, pooled above anyres_max_2; a sample with several images gets the base view + a newline.
+IMAGE_SIZES = ((16, 9), (8, 8), (3, 5), (12, 7), (6, 14), (15, 15))
+IMAGE_TOKENS = [
+    4 + 4 * (2 + 1),  # 16x16 grid (4 crops), unpadded 4x4 -> 4x2
+    5, 5, 5,  # three images in one sample: base only
+    4 + 2 * (4 + 1),  # 8x16 grid (2 crops), 2x4
+    4 + 2 * (2 + 1),  # 16x16 grid, 4x4 pooled to 2x2
+]  # fmt: skip
+
+
+def _llava_batch(tokens_per_image, n_images, seed):
+    """A padded batch: random text around each image's run of placeholders, mixed lengths, right/left padding."""
+    gen = torch.Generator().manual_seed(seed)
+    runs = iter(tokens_per_image)
+
+    def text(lo, hi):
+        return torch.randint(0, 90, (int(torch.randint(lo, hi + 1, (1,), generator=gen)),), generator=gen).tolist()
+
+    rows = []
+    for n in n_images:
+        toks = text(1, 7)
+        for _ in range(n):
+            toks += [IMG] * next(runs) + text(0, 6)
+        rows.append(toks)
+    seq_len = max(map(len, rows)) + 2
+    ids = torch.zeros(len(rows), seq_len, dtype=torch.long)  # padding id 0: a real token, ignored through the mask
+    mask = torch.zeros_like(ids)
+    for b, toks in enumerate(rows):
+        start = 0 if b % 2 == 0 else seq_len - len(toks)
+        ids[b, start : start + len(toks)] = torch.tensor(toks)
+        mask[b, start : start + len(toks)] = 1
+    return ids, mask
+
+
+def test_llava_onevision_qwen3_vision_tower_anyres_packed_equals_padded():
+    """transformers' padded forward from pixels (SigLIP tower, projector, AnyRes with image_sizes and
+    batch_num_images, image_newline, masked_scatter) against packed_forward fed by the same model's
+    get_image_features: same logits, same gradients everywhere, the vision tower's included."""
+    model = tiny_llava_onevision_qwen3(llava=ANYRES)
+    gen = torch.Generator().manual_seed(3)
+    sizes = torch.tensor(IMAGE_SIZES)
+    pixel_values = torch.randn(len(sizes), 5, 3, 8, 8, generator=gen)  # [n_img, max crops, C, H, W], rest padding
+    batch_num_images = torch.tensor(LLAVA_IMAGES)
+
+    def image_features():  # the model's own tower + projector + AnyRes layout: one [n_tokens, D] per image
+        out = model.model.get_image_features(pixel_values, sizes, batch_num_images=batch_num_images)
+        return out.pooler_output
+
+    with torch.no_grad():
+        assert [len(f) for f in image_features()] == IMAGE_TOKENS
+    ids, mask = _llava_batch(IMAGE_TOKENS, LLAVA_IMAGES, seed=34)
+    real = mask.bool()
+    positions = (mask.cumsum(1) - 1).clamp_min(0)  # 1-D RoPE restarting at 0 per sample, as the packed positions
+    w = _loss_weights((int(real.sum()), VOCAB), seed=4)
+
+    model.zero_grad()
+    padded = model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=pixel_values,
+                   image_sizes=sizes, batch_num_images=batch_num_images).logits  # fmt: skip
+    (padded[real] * w).sum().backward()
+    want_grads = _param_grads(model)
+
+    model.zero_grad()
+    vision = torch.cat(image_features())
+    packed = pack_multimodal(ids, mask, model.get_input_embeddings().weight, vision, image_token_id=IMG, rope="1d")
+    logits = packed_forward(model, packed).logits
+    assert model.config.vision_config._attn_implementation == "sdpa"  # the tower keeps its own attention
+    torch.testing.assert_close(unpack(logits, packed)[real], padded[real].detach(), rtol=1e-5, atol=1e-5)
+    (logits[0] * w).sum().backward()
+    got_grads = _param_grads(model)
+    _compare_grads(got_grads, want_grads)
+    for name in ("model.vision_tower.embeddings.patch_embedding.weight",
+                 "model.vision_tower.encoder.layers.0.self_attn.q_proj.weight",
+                 "model.multi_modal_projector.linear_1.weight", "model.image_newline",
+                 "model.language_model.layers.1.self_attn.q_proj.weight"):  # fmt: skip
+        assert got_grads[name].abs().sum() > 0, name  # tower, projector, newline, LLM: all reached and compared
 
 
 def test_sliding_window_layers_match_padded():

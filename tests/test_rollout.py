@@ -125,6 +125,28 @@ def test_prompt_embeds_pass_through(model):
     torch.testing.assert_close(a.logprobs, b.logprobs)
 
 
+def test_ranks_generating_slices_sample_what_one_process_does(model):
+    """Data parallelism: two 'ranks' each generate their prompts' rollouts with ``noise_rows`` and together give
+    exactly the one-process rollouts (sampled, temperature 1, top-p), although their padding widths differ."""
+    kw = dict(**_kw(126), temperature=1.0, top_p=0.95)
+    whole = generate_rollouts(model, PROMPTS, MODES, **kw, generator=torch.Generator().manual_seed(4))
+    total = sum(map(len, MODES))
+    parts, offset = [], 0
+    for lo, hi in ((0, 1), (1, 3)):
+        part = generate_rollouts(model, PROMPTS[lo:hi], MODES[lo:hi], **kw, generator=torch.Generator().manual_seed(4),
+                                 noise_rows=(offset, total))  # fmt: skip
+        offset += part.completions.shape[0]
+        parts.append(part)
+    got = torch.cat([p.completions for p in parts])
+    assert torch.equal(got, whole.completions)
+    torch.testing.assert_close(torch.cat([p.logprobs for p in parts]), whole.logprobs, rtol=1e-5, atol=1e-5)
+    # and the noise is really used: another seed samples something else
+    other = generate_rollouts(model, PROMPTS, MODES, **kw, generator=torch.Generator().manual_seed(5))
+    assert not torch.equal(other.completions, whole.completions)
+    with pytest.raises(ValueError, match="noise_rows: rows"):
+        generate_rollouts(model, PROMPTS, MODES, **kw, generator=torch.Generator(), noise_rows=(3, total))
+
+
 def test_bad_input(model):
     with pytest.raises(ValueError, match="modes: 2 entries for 3 prompts"):
         generate_rollouts(model, PROMPTS, MODES[:2], **_kw(126))

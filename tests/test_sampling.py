@@ -160,6 +160,18 @@ def test_same_seed_same_tokens(backend_device):
     assert not torch.equal(a, c)
 
 
+def test_a_slice_of_the_global_noise_samples_what_the_whole_batch_does():
+    """Data parallelism: rank r samples rows [lo, hi) of a global batch with its slice of the global uniforms and
+    gets exactly the whole batch's tokens for those rows."""
+    logits = torch.randn(12, 257, generator=torch.Generator().manual_seed(3))
+    kw = dict(temperature=0.9, top_p=0.95, top_k=40)
+    whole, whole_lp = sample(logits, generator=torch.Generator().manual_seed(8), **kw)
+    noise = torch.rand(12, generator=torch.Generator().manual_seed(8))
+    for lo, hi in ((0, 6), (6, 12), (3, 4)):
+        part, part_lp = sample(logits[lo:hi], uniforms=noise[lo:hi], **kw)
+        assert torch.equal(part, whole[lo:hi]) and torch.equal(part_lp, whole_lp[lo:hi])
+
+
 def test_greedy_and_low_precision():
     logits = torch.randn(16, 1000, generator=torch.Generator().manual_seed(1))
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -191,6 +203,11 @@ def test_greedy_and_low_precision():
         (dict(logits=torch.zeros(2, 3), min_p=1.5), ValueError, "min_p"),
         (dict(logits=torch.zeros(2, 3), temperature=torch.ones(3)), ValueError, r"temperature: expected a scalar"),
         (dict(logits=torch.zeros(2, 3), generator=3), TypeError, "generator"),
+        (dict(logits=torch.zeros(2, 3), uniforms=torch.rand(3)), ValueError, r"uniforms: expected shape \(2,\)"),
+        (dict(logits=torch.zeros(2, 3), uniforms=torch.tensor([0.5, 1.0])), ValueError, r"uniforms: values must"),
+        (dict(logits=torch.zeros(2, 3), uniforms=torch.zeros(2, dtype=torch.long)), TypeError, "uniforms: expected"),
+        (dict(logits=torch.zeros(2, 3), uniforms=torch.rand(2), generator=torch.Generator()), ValueError,
+         "either uniforms or generator"),
         (dict(logits=torch.zeros(2, 3), backend="cuda"), Exception, "cuda backend needs CUDA tensors"),
     ],
 )  # fmt: skip

@@ -23,10 +23,13 @@ from r4b_fast import fused_linear_logprobs, pack_multimodal
 from r4b_fast.modes import Mode
 from r4b_fast.packed_forward import packed_forward
 from r4b_fast.training.common import (
+    LossModule,
     MetricsLogger,
-    full_state_dict,
+    autocast,
     init_distributed,
     load_checkpoint,
+    resolve_device,
+    resolve_precision,
     save_checkpoint,
     set_seed,
     shard_model,
@@ -88,9 +91,10 @@ def greedy_answers(model, tokenizer, items: list[Item], mode: Mode, n_image_toke
     """Greedy completions (after the forced mode prefix) for a batch of items, as text."""
     prompts = [prompt_text(it, n_image_tokens) + MODE_PREFIX[mode] for it in items]
     tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False).to(device)
     tokenizer.padding_side = "right"
-    pixel_values, image_sizes = pixel_inputs(torch.stack([it.image() for it in items]))
+    pixel_values, image_sizes = pixel_inputs(torch.stack([it.image() for it in items]).to(device))
     out = model.generate(**enc, pixel_values=pixel_values, image_sizes=image_sizes, max_new_tokens=max_new_tokens,
                          do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=False)
@@ -124,8 +128,52 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` / ``--precision``, shared by both loops."""
+    parser.add_argument("--device", default="auto",
+                        help="auto (this process's GPU when CUDA is available, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="bf16: autocast forward passes to bfloat16 (fp32 weights and optimizer); "
+                             "auto: bf16 on CUDA, fp32 on CPU")  # fmt: skip
+
+
+def load_model(path, device):
+    """A LLaVA-OneVision-architecture model and its tokenizer from a local folder or a hub id, on ``device``."""
+    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+    if not (Path(path) / "config.json").exists() and Path(path).exists():
+        raise FileNotFoundError(f"--model: {path} has no config.json")
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(path)).to(device)
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def _annealing_data(args, tokenizer, n_img):
+    """(items, mode labels) for ``steps x batch-size`` positions: the embedded task, or the rows of --dataset
+    repeated in order (epochs)."""
+    if args.dataset is None:
+        items = sample_items(args.steps * args.batch_size, args.seed)
+        return items, annealing_labels(items, args.seed)
+    from r4b_fast.training.data import annealing_row_problem, load_training_rows
+
+    rows = load_training_rows(args.dataset, max_prompt_tokens=args.max_prompt_tokens, on_bad_row=args.on_bad_row,
+                              prompt_tokens=lambda r: len(tokenizer(prompt_text(r, n_img),
+                                                                    add_special_tokens=False)["input_ids"]),
+                              check=annealing_row_problem)  # fmt: skip
+    return rows, [r.mode for r in rows]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m r4b_fast.training.annealing", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None,
+                        help="start from this LLaVA-OneVision-architecture model (folder or hub id); default: a "
+                             "fresh tiny R-4B-architecture model for the embedded task")  # fmt: skip
+    parser.add_argument("--dataset", type=Path, default=None,
+                        help="jsonl/parquet rows with image, question, answer, mode (think/no_think) and thought "
+                             "(for think rows); default: the embedded task with R-4B-style labels")  # fmt: skip
+    parser.add_argument("--on-bad-row", choices=("raise", "skip"), default="raise",
+                        help="a row without answer or mode, an undecodable image, a think row without thought, a "
+                             "prompt over --max-prompt-tokens")  # fmt: skip
+    parser.add_argument("--max-prompt-tokens", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr-llm", type=float, default=2e-3)
@@ -139,53 +187,68 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/annealing"))
+    add_device_arguments(parser)
     parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: die like a kill
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "hidden_size", "layers"):
+    for name in ("steps", "batch_size", "hidden_size", "layers", "max_prompt_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.dataset is not None and not args.dataset.exists():
+        parser.error(f"--dataset: {args.dataset} does not exist")
+    try:
+        device = resolve_device(args.device)
+        precision = resolve_precision(args.precision, device)
+    except ValueError as err:
+        parser.error(str(err))
 
     set_seed(args.seed)
-    rank, world = init_distributed()
-    if world > 1 and (args.resume or args.stop_after or args.batch_size % world):
-        parser.error("under torchrun: --batch-size must divide by the world size; --resume is not supported yet")
-    tokenizer = build_tokenizer()
-    model = build_tiny_r4b(tokenizer, hidden_size=args.hidden_size, layers=args.layers, seed=args.seed)
+    rank, world = init_distributed(device)
+    if world > 1 and args.batch_size % world:
+        parser.error(f"--batch-size {args.batch_size} must divide by the world size {world}")
+    if args.model is None:
+        tokenizer = build_tokenizer()
+        model = build_tiny_r4b(tokenizer, hidden_size=args.hidden_size, layers=args.layers, seed=args.seed).to(device)
+    else:
+        model, tokenizer = load_model(args.model, device)
+    model_class, model_config = type(model), model.config
     n_img = num_image_tokens(model)
-    loss_module = shard_model(model, sft_loss) if world > 1 else None  # FSDP2; same seeded weights on every rank
+    train_items, train_modes = _annealing_data(args, tokenizer, n_img)
+    # the loss as a module: FSDP2's root under torchrun (same seeded weights on every rank), a plain wrapper alone
+    loss_module = shard_model(model, sft_loss) if world > 1 else LossModule(model, sft_loss)
     optimizer = torch.optim.AdamW(parameter_groups(model, args.lr_vision, args.lr_projector, args.lr_llm))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, args.steps, args.warmup))
-    train_items = sample_items(args.steps * args.batch_size, args.seed)
-    train_modes = annealing_labels(train_items, args.seed)
     checkpoint_dir = args.output_dir / "checkpoint"
     start_step = 0
     if args.resume:
-        start_step = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)["step"]
-        print(f"resumed from {checkpoint_dir} at step {start_step}")
+        start_step = load_checkpoint(checkpoint_dir, loss_module, optimizer, scheduler)["step"]
+        if rank == 0:
+            print(f"resumed from {checkpoint_dir} at step {start_step}")
     logger = MetricsLogger(args.output_dir, resume_step=start_step if args.resume else None) if rank == 0 else None
     think_share = sum(m == Mode.THINK for m in train_modes) / len(train_modes)
     if rank == 0:
         print(f"annealing: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {args.steps} steps x "
-              f"{args.batch_size}, {think_share:.0%} thinking labels, {world} process(es)")
+              f"{args.batch_size}, {think_share:.0%} thinking labels, {world} process(es), {device}, {precision}")
     start = time.perf_counter()
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="annealing",
                     disable=None if rank == 0 else True)
+    share = args.batch_size // world
     for step in progress:
         # data position = step: items (and their images) are a function of (seed, index), so resume is exact;
         # under torchrun each rank takes its contiguous share of the step's batch
-        share = args.batch_size // world
         lo = step * args.batch_size + rank * share
-        batch = encode_sft_batch(tokenizer, train_items[lo : lo + share], train_modes[lo : lo + share], n_img)
-        if world > 1:  # the global token normaliser; x world because FSDP averages gradients over ranks
-            n_global = (batch[2][:, 1:] != -100).sum()
+        picked = [(lo + i) % len(train_items) for i in range(share)]
+        batch = encode_sft_batch(tokenizer, [train_items[i] for i in picked], [train_modes[i] for i in picked], n_img)
+        batch = tuple(t.to(device) for t in batch)
+        # the global token normaliser (x world: FSDP averages gradients over ranks)
+        n_global = (batch[2][:, 1:] != -100).sum()
+        if world > 1:
             torch.distributed.all_reduce(n_global)
+        with autocast(device, precision):
             loss, n_tokens = loss_module(*batch, normaliser=n_global)
-            (loss * world).backward()
-            loss = loss.detach().clone()
+        (loss * world).backward()
+        loss = loss.detach().clone()
+        if world > 1:
             torch.distributed.all_reduce(loss)  # the global token mean, what one process would log
-        else:
-            loss, n_tokens = sft_loss(model, *batch)
-            loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -193,29 +256,29 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = round(time.perf_counter() - start, 2)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         if logger is not None:
-            logger.log(step + 1, {"loss": loss.item(), "grad_norm": grad_norm.item(), "tokens": n_tokens,
+            logger.log(step + 1, {"loss": loss.item(), "grad_norm": grad_norm.item(), "tokens": int(n_global),
                                   "lr_llm": scheduler.get_last_lr()[-1], "elapsed_s": elapsed})
         progress.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % 50 == 0 and rank == 0:
             tqdm.write(f"step {step + 1}/{args.steps}: loss {loss.item():.4f} ({elapsed:.0f} s)")
         done = step + 1
-        if world == 1 and (done == args.steps or (args.save_every and done % args.save_every == 0)):
-            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, done)
+        if done == args.steps or (args.save_every and done % args.save_every == 0):
+            save_checkpoint(checkpoint_dir, loss_module, optimizer, scheduler, done)  # every rank: gathers shards
         if args.stop_after is not None and done == args.stop_after:
             os._exit(3)  # no cleanup, no final save: what a kill leaves behind
-    if world > 1:  # gather the shards; rank 0 writes a plain transformers folder
-        state = {k.removeprefix("model."): v for k, v in full_state_dict(loss_module).items()}
-        if rank == 0:
-            plain = build_tiny_r4b(tokenizer, hidden_size=args.hidden_size, layers=args.layers, seed=args.seed)
-            plain.load_state_dict(state)
-            model = plain
+    if world > 1:  # gather the shards; rank 0 goes on with a plain transformers model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(loss_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         torch.distributed.destroy_process_group()
         if rank != 0:
             return 0
-        if args.eval_items:
-            print("evaluation runs after single-process training only; skipped under torchrun")
-    elif args.eval_items:
-        metrics = evaluate(model, tokenizer, sample_items(args.eval_items, args.seed + 10_000, split="eval"), n_img)
+        model = model_class(model_config)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+        model.to(device)
+    if args.eval_items and args.dataset is None:
+        with autocast(device, precision):
+            metrics = evaluate(model, tokenizer, sample_items(args.eval_items, args.seed + 10_000, split="eval"), n_img)
         logger.log(args.steps, {f"eval/{k}": v for k, v in metrics.items()})
         print("eval: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items())))
     logger.close()

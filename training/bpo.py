@@ -344,25 +344,12 @@ def _data(args, tokenizer, n_img):
     """Training rows (None: the embedded task, sampled per step) and evaluation items."""
     if args.dataset is None:
         return None, sample_items(args.eval_items, args.seed + 10_000, args.hard_fraction, split="eval")
-    from r4b_fast.training.data import BadRowError, load_rows
+    from r4b_fast.training.data import load_training_rows
 
     def checked(path):
-        rows, bad = load_rows(path, on_bad_row=args.on_bad_row)
-        kept = []
-        for index, row in enumerate(rows):
-            n = len(tokenizer(prompt_text(row, n_img), add_special_tokens=False)["input_ids"])
-            if n <= args.max_prompt_tokens:
-                kept.append(row)
-                continue
-            reason = f"prompt of {n} tokens exceeds --max-prompt-tokens {args.max_prompt_tokens}"
-            if args.on_bad_row == "raise":
-                raise BadRowError(f"dataset {path.name}, usable row {index}: {reason}")
-            bad.append((index, reason))
-        for index, reason in bad:
-            print(f"skipped {path.name} row {index}: {reason}", file=sys.stderr)
-        if not kept:
-            raise ValueError(f"--dataset: no usable rows left in {path}")
-        return kept
+        return load_training_rows(path, max_prompt_tokens=args.max_prompt_tokens, on_bad_row=args.on_bad_row,
+                                  prompt_tokens=lambda row: len(tokenizer(prompt_text(row, n_img),
+                                                                          add_special_tokens=False)["input_ids"]))
 
     rows = checked(args.dataset)
     if args.eval_dataset is not None:

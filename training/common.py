@@ -58,23 +58,44 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, extra: dict | None = None) -> Path:
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def save_checkpoint(directory: Path, module, optimizer, scheduler, step: int, extra: dict | None = None) -> Path:
     """Weights as safetensors, and optimizer, scheduler, RNG states and the data position beside them.
 
-    Written to a temporary folder and renamed, so a run killed mid-save leaves the previous checkpoint intact.
+    ``module``: the :class:`LossModule` that wraps the model, FSDP2-sharded or not. Under ``torchrun`` every rank
+    must call this (the shards are gathered into full tensors); rank 0 writes. The files are the same for any
+    number of processes (full tensors, optimizer state keyed by parameter name), so a run may resume on another
+    world size. Written to a temporary folder and renamed, so a run killed mid-save leaves the previous checkpoint
+    intact.
     """
     from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0, in CPU memory
+    model_state = get_model_state_dict(module, options=options)
+    optim_state = get_optimizer_state_dict(module, optimizer, options=options)
     directory = Path(directory)
+    if _rank() != 0:
+        return directory
     tmp = directory.with_name(directory.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    # tied weights share storage; safetensors refuses shared tensors, and clone() above unties them
+    # the model's own names (a plain transformers state dict); tied weights share storage, which safetensors
+    # refuses, and clone() unties them
+    state = {k.removeprefix("model."): v.detach().contiguous().clone() for k, v in model_state.items()}
     save_file(state, str(tmp / "model.safetensors"))
     torch.save(
         {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optim_state,
             "scheduler": scheduler.state_dict(),
             "rng_torch": torch.get_rng_state(),
             "rng_python": random.getstate(),
@@ -91,9 +112,16 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, ext
     return directory
 
 
-def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
-    """Restore what :func:`save_checkpoint` wrote; returns ``{"step": ..., "extra": ...}``."""
+def load_checkpoint(directory: Path, module, optimizer, scheduler) -> dict:
+    """Restore what :func:`save_checkpoint` wrote into ``module`` (the :class:`LossModule`, sharded or not; every
+    rank reads the files: under ``torchrun`` the output folder must be on a file system all ranks see) and
+    ``optimizer`` (built on ``module``'s parameters); returns ``{"step": ..., "extra": ...}``."""
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     directory = Path(directory)
     if not directory.exists():  # killed between the two renames of save_checkpoint: the previous one is in .old
@@ -104,18 +132,63 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
     missing = [f for f in CHECKPOINT_FILES if not (directory / f).exists()]
     if missing:
         raise FileNotFoundError(f"resume: checkpoint {directory} lacks {missing}")
-    model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    options = StateDictOptions(full_state_dict=True)
+    weights = {"model." + k: v for k, v in load_file(str(directory / "model.safetensors")).items()}
+    set_model_state_dict(module, weights, options=options)
     state = torch.load(directory / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    # strict=False: a parameter that never had a gradient (an unused layer) has no AdamW state to restore
+    set_optimizer_state_dict(module, optimizer, optim_state_dict=state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True, strict=False))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_torch"])
     random.setstate(state["rng_python"])
     return {"step": state["step"], "extra": state["extra"]}
 
 
-def init_distributed() -> tuple[int, int]:
-    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group (NCCL on GPUs, gloo on CPU); returns
-    ``(rank, world_size)``, ``(0, 1)`` for a plain run."""
+def resolve_device(name: str) -> torch.device:
+    """``--device``: ``auto`` is this process's GPU when CUDA is available (``LOCAL_RANK`` under torchrun),
+    else the CPU; ``cuda`` without an index means ``cuda:LOCAL_RANK``."""
+    import os
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device: {name!r} is not a device ({err})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {name!r} requested, but torch sees no CUDA device")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``--precision``: ``auto`` is bf16 autocast on CUDA, fp32 on CPU (CPU bf16 matmuls are slower than fp32 on
+    most CPUs without AMX)."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--precision bf16: this GPU does not support bfloat16; use fp32")
+    return name
+
+
+def autocast(device: torch.device, precision: str):
+    """The context for forward passes: ``torch.autocast`` to bf16 (weights and optimizer stay fp32) or nothing."""
+    import contextlib
+
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def init_distributed(device: torch.device | None = None) -> tuple[int, int]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group (NCCL when training on GPUs, gloo on CPU);
+    returns ``(rank, world_size)``, ``(0, 1)`` for a plain run."""
     import os
 
     import torch.distributed as dist
@@ -124,7 +197,8 @@ def init_distributed() -> tuple[int, int]:
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        on_gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        dist.init_process_group("nccl" if on_gpu else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 

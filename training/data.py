@@ -2,7 +2,8 @@
 
 Columns: ``question`` (str), ``answer`` (str or number), ``image`` (a file path relative to the data file or absolute,
 raw bytes, or ``{"bytes": ..., "path": ...}`` as datasets' Image feature stores it), optional ``hard`` (bool, for
-per-difficulty evaluation) and ``mode`` (``"think"`` / ``"no_think"`` or 1 / 0, used by annealing). Every bad row is
+per-difficulty evaluation), ``mode`` (``"think"`` / ``"no_think"`` or 1 / 0) and ``thought`` (the written reasoning
+of a thinking target); annealing needs ``mode`` on every row and ``thought`` on the thinking ones. Every bad row is
 reported with its index and reason; ``on_bad_row="raise"`` stops at the first, ``"skip"`` leaves it out — it is never
 trained on.
 """
@@ -30,6 +31,14 @@ class DataItem:
     pixels: torch.Tensor  # [3, IMAGE_SIZE, IMAGE_SIZE] float32 in [0, 1]
     hard: bool | None = None
     mode: Mode | None = None
+    thought: str | None = None
+
+    @property
+    def steps(self) -> str:
+        """The thinking target's reasoning (the embedded task's ``Item.steps``)."""
+        if not self.thought:
+            raise ValueError("thought: a thinking target needs the row's written reasoning")
+        return self.thought
 
     def image(self) -> torch.Tensor:
         return self.pixels
@@ -52,7 +61,9 @@ def _decode_image(value, base: Path) -> torch.Tensor:
     else:
         raise ValueError(f"image: expected a path, bytes or {{'bytes', 'path'}}, got {type(value).__name__}")
     img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))  # the tiny model's input size
-    return torch.tensor(list(img.getdata()), dtype=torch.float32).view(IMAGE_SIZE, IMAGE_SIZE, 3).permute(2, 0, 1) / 255
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1).contiguous() / 255
 
 
 def _parse_row(row: dict, base: Path) -> DataItem:
@@ -74,7 +85,11 @@ def _parse_row(row: dict, base: Path) -> DataItem:
             raise ValueError(f"mode: expected 'think', 'no_think', 1 or 0, got {mode!r}")
         mode = _MODES[mode]
     hard = row.get("hard")
-    return DataItem(question.strip(), str(answer).strip(), pixels, None if hard is None else bool(hard), mode)
+    thought = row.get("thought")
+    if thought is not None and not isinstance(thought, str):
+        raise ValueError(f"thought: expected a string, got {type(thought).__name__}")
+    thought = thought.strip() if thought else None
+    return DataItem(question.strip(), str(answer).strip(), pixels, None if hard is None else bool(hard), mode, thought)
 
 
 def load_rows(path: Path | str, *, on_bad_row: str = "raise") -> tuple[list[DataItem], list[tuple[int, str]]]:
@@ -101,3 +116,43 @@ def load_rows(path: Path | str, *, on_bad_row: str = "raise") -> tuple[list[Data
     if not items:
         raise ValueError(f"dataset: no usable rows in {path} ({len(bad)} bad)")
     return items, bad
+
+
+def load_training_rows(path: Path | str, *, prompt_tokens, max_prompt_tokens: int, on_bad_row: str = "raise",
+                       check=None) -> list[DataItem]:  # fmt: skip
+    """:func:`load_rows` plus the loop's own checks, each bad row reported on stderr with its index and reason
+    (``on_bad_row="raise"``: a :class:`BadRowError` at the first): a prompt of more than ``max_prompt_tokens``
+    tokens (``prompt_tokens(row) -> int``), and ``check(row) -> reason or None`` when given."""
+    import sys
+
+    path = Path(path)
+    rows, bad = load_rows(path, on_bad_row=on_bad_row)
+    kept = []
+    for index, row in enumerate(rows):
+        n = prompt_tokens(row)
+        reason = None
+        if n > max_prompt_tokens:
+            reason = f"prompt of {n} tokens exceeds --max-prompt-tokens {max_prompt_tokens}"
+        elif check is not None:
+            reason = check(row)
+        if reason is None:
+            kept.append(row)
+            continue
+        if on_bad_row == "raise":
+            raise BadRowError(f"dataset {path.name}, usable row {index}: {reason}")
+        bad.append((index, reason))
+    for index, reason in bad:
+        print(f"skipped {path.name} row {index}: {reason}", file=sys.stderr)
+    if not kept:
+        raise ValueError(f"--dataset: no usable rows left in {path}")
+    return kept
+
+
+def annealing_row_problem(row: DataItem) -> str | None:
+    """Why a row cannot be an annealing target (None when it can): it needs a mode label, and a thinking label
+    needs the written reasoning."""
+    if row.mode is None:
+        return "mode: missing (annealing trains each row in its labelled mode: 'think' or 'no_think')"
+    if row.mode == Mode.THINK and not row.thought:
+        return "thought: missing for a 'think' row (the thinking target is <think>\\nthought\\n</think>\\n\\nanswer)"
+    return None

@@ -104,6 +104,7 @@ def generate_rollouts(
     generator: torch.Generator | None = None,
     backend: str | None = None,
     prompt_embeds: Sequence[torch.Tensor] | None = None,
+    noise_rows: tuple[int, int] | None = None,
 ) -> RolloutResult:
     """Generate ``sum(len(m) for m in modes)`` rollouts: prompt ``p`` once per entry of ``modes[p]``.
 
@@ -118,6 +119,9 @@ def generate_rollouts(
         temperature / top_k / top_p / min_p / generator / backend: as :func:`r4b_fast.ops.sampling.sample`.
         prompt_embeds: optional, per prompt a ``[L_p, H]`` tensor replacing the token embeddings of its prompt
             (e.g. with image features merged in); ``prompts`` still give the lengths.
+        noise_rows: ``(offset, total)``: these rollouts are rows ``[offset, offset + R)`` of a global batch of
+            ``total``; each step draws the global batch's noise from ``generator`` and uses this slice, so that
+            data-parallel ranks together sample exactly what one process generating the whole batch would.
 
     Returns:
         :class:`RolloutResult`.
@@ -148,6 +152,8 @@ def generate_rollouts(
         if len(ids) == 0:
             raise ValueError(f"prompts: prompt {i} is empty")
         prompt_lists.append([int(t) for t in ids])
+    if noise_rows is not None and (generator is None or len(noise_rows) != 2):
+        raise ValueError("noise_rows: expected (offset, total) together with a generator")
     if prompt_embeds is not None and len(prompt_embeds) != len(prompts):
         raise ValueError(f"prompt_embeds: {len(prompt_embeds)} entries for {len(prompts)} prompts")
     device = next(model.parameters()).device
@@ -159,6 +165,9 @@ def generate_rollouts(
         row_prompt += [p] * len(ms)
         row_mode += [int(m) for m in ms]
     R = len(row_prompt)
+    if noise_rows is not None and not (0 <= noise_rows[0] and noise_rows[0] + R <= noise_rows[1]):
+        raise ValueError(f"noise_rows: rows [{noise_rows[0]}, {noise_rows[0] + R}) do not fit a batch of "
+                         f"{noise_rows[1]}")  # fmt: skip
     L = max(len(p) for p in prompt_lists)
     ids = torch.full((R, L), pad_id, dtype=torch.int64)
     attn = torch.zeros(R, L, dtype=torch.int64)
@@ -197,8 +206,14 @@ def generate_rollouts(
     ones = torch.ones(R, 1, dtype=attn.dtype, device=device)
     steps = 0
     for t in range(max_new_tokens):
+        if noise_rows is None:
+            noise = dict(generator=generator)
+        else:  # this rank's slice of the global batch's one uniform per row
+            lo = noise_rows[0]
+            u = torch.rand(noise_rows[1], generator=generator, device=generator.device)[lo : lo + R]
+            noise = dict(uniforms=u.to(device))
         step = sample_with_modes(logits, state, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                 generator=generator, backend=backend)  # fmt: skip
+                                 backend=backend, **noise)  # fmt: skip
         completions[:, t] = step.tokens
         cmask[:, t] = step.active
         fmask[:, t] = step.forced

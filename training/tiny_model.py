@@ -45,12 +45,12 @@ def pixel_inputs(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, 3, H, W]`` images -> LLaVA-OneVision AnyRes inputs: ``pixel_values [B, 2, 3, H, W]`` (base view and the
     single grid crop, equal at this size) and ``image_sizes [B, 2]``."""
     b, _, h, w = images.shape
-    return images.unsqueeze(1).expand(b, 2, 3, h, w).contiguous(), torch.tensor([[h, w]] * b)
+    return images.unsqueeze(1).expand(b, 2, 3, h, w).contiguous(), torch.tensor([[h, w]] * b, device=images.device)
 
 
 def image_embeddings(model, images: torch.Tensor) -> torch.Tensor:
     """Vision tower + projector + AnyRes layout through the model's own path: ``[B * num_image_tokens, D]``."""
-    pixel_values, image_sizes = pixel_inputs(images)
+    pixel_values, image_sizes = pixel_inputs(images.to(model.dtype))
     out = model.model.get_image_features(
         pixel_values, image_sizes=image_sizes, vision_feature_layer=-1, vision_feature_select_strategy="full"
     )
@@ -59,8 +59,9 @@ def image_embeddings(model, images: torch.Tensor) -> torch.Tensor:
 
 def num_image_tokens(model) -> int:
     """Placeholders per image, measured on the model's own feature path."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return image_embeddings(model, torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)).shape[0]
+        return image_embeddings(model, torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)).shape[0]
 
 
 def parameter_groups(model, lr_vision: float, lr_projector: float, lr_llm: float, weight_decay: float = 0.0):

@@ -333,6 +333,19 @@ def _temperature_tensor(temperature, shape, device):
     return torch.full((math.prod(shape),), float(temperature), dtype=torch.float32, device=device)
 
 
+def _autocast_inputs(hidden, weight, bias):
+    """Under ``torch.autocast`` on ``hidden``'s device: the LM head in the autocast dtype, like ``nn.Linear`` (a
+    custom op is not cast by autocast itself; fp32 master weights would otherwise run an fp32 head)."""
+    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(hidden.device.type)
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point else t
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def _validate_linear(hidden, weight, bias):
     _check_float("hidden", hidden)
     if hidden.dim() < 2:
@@ -362,7 +375,9 @@ def fused_linear_logprobs(
 
     Args:
         hidden: ``[..., H]`` float32/bfloat16/float16 last hidden states (``T`` = product of the leading dims).
-        weight: ``[V, H]`` LM-head weight, same dtype and device as ``hidden``.
+        weight: ``[V, H]`` LM-head weight, same dtype and device as ``hidden`` (under ``torch.autocast`` for their
+            device both are cast to the autocast dtype first, as ``nn.Linear`` would be; gradients reach the
+            original tensors through the cast).
         targets: ``[...]`` integer token ids (``hidden.shape[:-1]``), in ``[0, V)`` or equal to ``ignore_index``.
         bias: optional ``[V]`` LM-head bias.
         temperature: a float > 0, or a ``[...]`` per-row tensor (not differentiated).
@@ -384,6 +399,7 @@ def fused_linear_logprobs(
         (torch.Size([4]), 0.0)
         >>> (logp.sum() + ent.sum()).backward()
     """
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _validate_linear(hidden, weight, bias)
     lead = tuple(hidden.shape[:-1])
     _check_targets(targets, lead, hidden.device)

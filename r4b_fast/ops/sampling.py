@@ -383,7 +383,18 @@ def _prepare(logits, temperature, top_k, top_p, min_p, check_values):
     return params
 
 
-def _uniforms(B, device, generator) -> torch.Tensor:
+def _uniforms(B, device, generator, uniforms=None) -> torch.Tensor:
+    if uniforms is not None:
+        if generator is not None:
+            raise ValueError("uniforms: give either uniforms or generator, not both")
+        if not isinstance(uniforms, torch.Tensor) or not uniforms.dtype.is_floating_point:
+            got = uniforms.dtype if isinstance(uniforms, torch.Tensor) else type(uniforms).__name__
+            raise TypeError(f"uniforms: expected a float tensor, got {got}")
+        if tuple(uniforms.shape) != (B,):
+            raise ValueError(f"uniforms: expected shape ({B},), got {tuple(uniforms.shape)}")
+        if uniforms.device != torch.device(device):
+            raise ValueError(f"uniforms: on device {uniforms.device}, but logits are on {device}")
+        return uniforms.float()
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
     if generator is not None and generator.device != torch.device(device) and torch.device(device).type != "cpu":
@@ -393,10 +404,12 @@ def _uniforms(B, device, generator) -> torch.Tensor:
     return u
 
 
-def _sample_impl(logits, temperature, top_k, top_p, min_p, generator, backend, check_values):
+def _sample_impl(logits, temperature, top_k, top_p, min_p, generator, backend, check_values, uniforms=None):
     params = _prepare(logits, temperature, top_k, top_p, min_p, check_values)
     chosen = resolve_backend(backend, logits.device, OP_BACKENDS, PREFERRED, "sample")
-    u = _uniforms(logits.shape[0], logits.device, generator)
+    u = _uniforms(logits.shape[0], logits.device, generator, uniforms)
+    if uniforms is not None and check_values and bool(((u < 0) | (u >= 1) | u.isnan()).any()):
+        raise ValueError("uniforms: values must lie in [0, 1)")
     # one top-k for the whole batch: k + 1 candidates hold its filtered set (the extra one detects boundary ties)
     candidates = min(CANDIDATES, top_k + 1) if isinstance(top_k, int) and top_k > 0 else CANDIDATES
     tokens, logprobs, lse = _sample_op(logits.detach(), *params, u, candidates, chosen)
@@ -413,6 +426,7 @@ def sample(
     generator: torch.Generator | None = None,
     backend: str | None = None,
     check_values: bool = True,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row with temperature, top-k, top-p and min-p, without sorting the vocabulary.
 
@@ -426,6 +440,10 @@ def sample(
         backend: ``"torch"``, ``"triton"`` or ``"cuda"``; default ``$R4B_FAST_BACKEND`` or the best for the device.
         check_values: check tensor parameters and logits for bad values (one host sync). Python scalars are
             always checked, without a sync; pass False in a hot loop on GPU.
+        uniforms: ``[B]`` float noise in ``[0, 1)``, one per row, used instead of drawing it from ``generator``:
+            data-parallel ranks that each sample a slice of one global batch draw the global batch's
+            ``torch.rand(B_global, generator=g)`` and pass their slice, and then sample exactly what one process
+            sampling the whole batch would.
 
     Returns:
         ``(tokens [B] int64, logprobs [B] float32)``: ``logprobs = log_softmax(logits / T)[token]`` under the
@@ -439,7 +457,8 @@ def sample(
         >>> tokens.tolist()
         [1, 0]
     """
-    tokens, logprobs, _, _ = _sample_impl(logits, temperature, top_k, top_p, min_p, generator, backend, check_values)
+    tokens, logprobs, _, _ = _sample_impl(logits, temperature, top_k, top_p, min_p, generator, backend, check_values,
+                                          uniforms)
     return tokens, logprobs
 
 
@@ -598,6 +617,7 @@ def sample_with_modes(
     generator: torch.Generator | None = None,
     backend: str | None = None,
     check_values: bool = False,
+    uniforms: torch.Tensor | None = None,
 ) -> ModeStep:
     """Sample every row, apply the R-4B mode constraints and advance ``state`` in place, with no host sync.
 
@@ -626,7 +646,7 @@ def sample_with_modes(
         raise ValueError(f"logits: vocabulary of {logits.shape[1]} tokens, but the state's forced / eos / pad ids "
                          f"go up to {state.max_token_id}")  # fmt: skip
     sampled, logprobs, lse, temp = _sample_impl(logits, temperature, top_k, top_p, min_p, generator, backend,
-                                                check_values)  # fmt: skip
+                                                check_values, uniforms)  # fmt: skip
     s = state
     done_before = s.finished
     active = ~done_before
