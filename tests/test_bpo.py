@@ -33,12 +33,13 @@ def test_thought_classifies_think_blocks():
 
 
 def test_policy_forward_hidden_predicts_the_completion_tokens(tiny_policy_dir):
-    from r4b_fast.training.bpo import ModeTokens, load_policy, policy_forward, prompt_embeddings
+    from r4b_fast.training.bpo import ModeTokens, policy_forward, prompt_embeddings
+    from r4b_fast.training.common import load_model
     from r4b_fast.training.rollout import bpo_modes, generate_rollouts
     from r4b_fast.training.task import prompt_text, sample_items
     from r4b_fast.training.tiny_model import image_embeddings, num_image_tokens
 
-    model, tok = load_policy(tiny_policy_dir)
+    model, tok = load_model(tiny_policy_dir, "cpu")
     model.eval()
     tokens = ModeTokens.from_tokenizer(tok)
     n_img = num_image_tokens(model)
@@ -105,10 +106,11 @@ def test_bpo_runs_logs_and_resumes_exactly_after_a_kill(tmp_path, tiny_policy_di
 
 def test_grpo_baseline_and_kl_run(tmp_path, tiny_policy_dir):
     proc = _bpo(tmp_path, tiny_policy_dir, "--algo", "grpo", "--beta", "0.05", "--mini-batches", "2",
-                "--grad-accum", "2", "--steps", "1", "--eval-items", "0")
+                "--grad-accum", "2", "--steps", "1", "--eval-items", "0", "--precision", "bf16")
     assert proc.returncode == 0, proc.stderr
     rec = read_metrics(tmp_path / "metrics.jsonl")[-1]
     assert rec["kl"] >= 0 and "reward/all" in rec
+    assert "cpu, bf16" in proc.stdout
 
 
 def test_bad_arguments(tmp_path, tiny_policy_dir):
@@ -116,3 +118,5 @@ def test_bad_arguments(tmp_path, tiny_policy_dir):
     assert proc.returncode != 0 and "must divide the rollouts" in proc.stderr
     proc = _bpo(tmp_path, tmp_path / "nope")
     assert proc.returncode != 0 and "--model" in proc.stderr
+    proc = _bpo(tmp_path, tiny_policy_dir, "--device", "tpu")
+    assert proc.returncode != 0 and "--device: expected auto, cpu, cuda or cuda:N" in proc.stderr

@@ -97,3 +97,50 @@ def test_bpo_trains_on_a_dataset_and_reports_skipped_rows(data_dir, tmp_path):
     proc = subprocess.run([*args, "--on-bad-row", "skip", "--max-prompt-tokens", "5"], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode != 0 and "no usable rows" in proc.stderr and "exceeds --max-prompt-tokens 5" in proc.stderr
+
+
+def test_annealing_on_own_rows_with_mode_labels(tmp_path):
+    """``annealing --dataset``: rows carry ``mode`` and, for thinking rows, ``thought``; the thinking target is built
+    from the row's thought; a row without a label, or a think row without thought, is reported with its index and
+    raised or skipped, never trained on."""
+    from r4b_fast.modes import Mode
+    from r4b_fast.training.data import annealing_row_problem
+    from r4b_fast.training.task import target_text
+
+    items = sample_items(8, seed=3, hard_fraction=0.5)
+    rows = []
+    for i, it in enumerate(items):
+        (tmp_path / f"img{i}.png").write_bytes(_png(it))
+        row = {"image": f"img{i}.png", "question": it.question, "answer": it.answer, "mode": "no_think"}
+        if it.hard:
+            row.update(mode="think", thought=it.steps)
+        rows.append(row)
+    rows.insert(2, {"image": "img0.png", "question": items[0].question, "answer": items[0].answer})  # no mode
+    rows.insert(4, {"image": "img1.png", "question": "q?", "answer": "1", "mode": "think"})  # think, no thought
+    with (tmp_path / "sft.jsonl").open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+    good, _ = load_rows(tmp_path / "sft.jsonl")
+    problems = [annealing_row_problem(r) for r in good]
+    assert [i for i, p in enumerate(problems) if p] == [2, 4]
+    assert "mode: missing" in problems[2] and "thought: missing" in problems[4]
+    hard = next(r for r in good if r.mode == Mode.THINK and r.thought)
+    assert target_text(hard, Mode.THINK) == f"<think>\n{hard.thought}\n</think>\n\n{hard.answer}"
+    assert target_text(good[0], Mode.NO_THINK) == f"<think>\n\n</think>\n\n{good[0].answer}"
+
+    def anneal(*extra):
+        args = ["--dataset", str(tmp_path / "sft.jsonl"), "--steps", "3", "--batch-size", "4", "--hidden-size", "32",
+                "--layers", "1", "--eval-items", "0", "--warmup", "1", "--output-dir", str(tmp_path / "run"), *extra]
+        return subprocess.run([sys.executable, "-m", "r4b_fast.training.annealing", *args], capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+
+    strict = anneal()
+    assert strict.returncode != 0 and "sft.jsonl, usable row 2: mode: missing" in strict.stderr
+    lenient = anneal("--on-bad-row", "skip")
+    assert lenient.returncode == 0, lenient.stderr[-2000:]
+    assert "skipped sft.jsonl row 2: mode: missing" in lenient.stderr
+    assert "skipped sft.jsonl row 4: thought: missing" in lenient.stderr
+    n_think = sum(it.hard for it in items)
+    assert f"{round(100 * n_think / len(items))}% thinking labels" in lenient.stdout
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()

@@ -158,3 +158,20 @@ def test_plot_draws_the_logged_curves(tmp_path):
     MetricsLogger(empty, tensorboard=False).close()
     with pytest.raises(ValueError, match="none of the plotted metrics"):
         plot_run(empty)
+
+
+def test_annealing_bf16_autocast_tracks_fp32(tmp_path):
+    """--precision bf16 (autocast; here on CPU, the same code path as on a GPU): the first loss (before any
+    update) within bf16 rounding of fp32's, and it trains."""
+    from r4b_fast.training.common import read_metrics
+
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        proc = _annealing(tmp_path / precision, "--precision", precision, "--device", "cpu", "--save-every", "0")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"cpu, {precision}" in proc.stdout
+        runs[precision] = [r["loss"] for r in read_metrics(tmp_path / precision / "metrics.jsonl") if "loss" in r]
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    assert fp32[0] != bf16[0]  # the forward really ran in bf16
+    assert abs(bf16[0] - fp32[0]) < 0.02 * fp32[0]
+    assert bf16[-1] < bf16[0]

@@ -25,9 +25,11 @@ from r4b_fast.packed_forward import packed_forward
 from r4b_fast.training.common import (
     LossModule,
     MetricsLogger,
+    add_device_arguments,
     autocast,
     init_distributed,
     load_checkpoint,
+    load_model,
     resolve_device,
     resolve_precision,
     save_checkpoint,
@@ -126,25 +128,6 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def add_device_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--device`` / ``--precision``, shared by both loops."""
-    parser.add_argument("--device", default="auto",
-                        help="auto (this process's GPU when CUDA is available, else CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="bf16: autocast forward passes to bfloat16 (fp32 weights and optimizer); "
-                             "auto: bf16 on CUDA, fp32 on CPU")  # fmt: skip
-
-
-def load_model(path, device):
-    """A LLaVA-OneVision-architecture model and its tokenizer from a local folder or a hub id, on ``device``."""
-    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
-
-    if not (Path(path) / "config.json").exists() and Path(path).exists():
-        raise FileNotFoundError(f"--model: {path} has no config.json")
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(path)).to(device)
-    return model, AutoTokenizer.from_pretrained(str(path))
 
 
 def _annealing_data(args, tokenizer, n_img):

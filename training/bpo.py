@@ -29,7 +29,21 @@ from r4b_fast import group_advantages, pack_multimodal, unpack
 from r4b_fast.modes import Mode
 from r4b_fast.ops.fused_linear_logprobs import fused_linear_logprobs, fused_linear_policy_loss
 from r4b_fast.packed_forward import packed_forward
-from r4b_fast.training.common import MetricsLogger, load_checkpoint, save_checkpoint, set_seed
+from r4b_fast.training.common import (
+    LossModule,
+    MetricsLogger,
+    add_device_arguments,
+    autocast,
+    init_distributed,
+    load_checkpoint,
+    load_model,
+    resolve_device,
+    resolve_precision,
+    save_checkpoint,
+    set_seed,
+    shard_model,
+    sync_weights,
+)
 from r4b_fast.training.rewards import accuracy_reward, compute_rewards, thought
 from r4b_fast.training.rollout import bpo_modes, generate_rollouts
 from r4b_fast.training.task import IMAGE_TOKEN, MODE_PREFIX, THINK_CLOSE_SEQUENCE, Item, prompt_text, sample_items
@@ -59,16 +73,6 @@ class ModeTokens:
         return cls(ids(MODE_PREFIX[Mode.THINK]), ids(MODE_PREFIX[Mode.NO_THINK]), ids(THINK_CLOSE_SEQUENCE),
                    ids(MODE_PREFIX[Mode.AUTO]), tok.eos_token_id, tok.pad_token_id,
                    tok.convert_tokens_to_ids(IMAGE_TOKEN))
-
-
-def load_policy(path: Path):
-    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
-
-    if not (Path(path) / "config.json").exists() and Path(path).exists():
-        raise FileNotFoundError(f"--model: {path} has no config.json")
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(path))
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return model, tokenizer
 
 
 def prompt_embeddings(model, prompt_ids: list[list[int]], items: list[Item], image_id: int) -> list[torch.Tensor]:
@@ -189,6 +193,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", type=Path, default=Path("runs/bpo"))
     p.add_argument("--plot", action="store_true", help="draw curves.png at the end")
+    add_device_arguments(p)
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: die like a kill
     args = p.parse_args(argv)
     for name in ("steps", "prompts", "g", "max_new_tokens", "ppo_epochs", "mini_batches", "grad_accum", "log_every",
@@ -203,51 +208,109 @@ def parse_args(argv):
     hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))  # "org/model": from_pretrained fetches it
     if not args.model.exists() and not hub_id:
         p.error(f"--model: {args.model} does not exist (run `python -m r4b_fast.training.annealing` to make one)")
+    try:
+        args.device = resolve_device(args.device)
+        args.precision = resolve_precision(args.precision, args.device)
+    except ValueError as err:
+        p.error(str(err))
     return args
+
+
+@dataclass
+class MicroBatch:
+    """What one forward/backward of the policy needs: the rollouts of some rows and their training signals."""
+
+    items: list
+    prompt_ids: list[list[int]]
+    rollouts: object  # RolloutResult restricted to the rows, prompt_index renumbered into ``items``
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor | None
+
+
+def micro_batch_loss(model, mb: MicroBatch, tokens: ModeTokens, args, normaliser):
+    """The clipped policy loss of one micro-batch (``LossModule``'s function: FSDP2's root under torchrun)."""
+    hidden = policy_forward(model, mb.items, mb.prompt_ids, mb.rollouts, tokens.image, tokens.pad)
+    return fused_linear_policy_loss(
+        hidden, model.lm_head.weight, mb.rollouts.completions, mb.advantages, mb.mask, old_logprobs=mb.old_logprobs,
+        ref_logprobs=mb.ref_logprobs, beta=args.beta, clip_low=args.clip, clip_high=args.clip,
+        temperature=args.temperature, aggregation=args.aggregation, normaliser=normaliser,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    device, precision = args.device, args.precision
     set_seed(args.seed)
-    model, tokenizer = load_policy(args.model)
+    rank, world = init_distributed(device)
+    if world > 1 and args.prompts % world:
+        raise SystemExit(f"--prompts {args.prompts} must divide by the world size {world}")
+    model, tokenizer = load_model(args.model, device)
     model.train()
     tokens = ModeTokens.from_tokenizer(tokenizer)
     n_img = num_image_tokens(model)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
+    if world > 1:  # FSDP2 for training; a plain replica, re-synced every step, for generation and evaluation
+        rollout_model = copy.deepcopy(model).eval().requires_grad_(False)
+        loss_module = shard_model(model, micro_batch_loss)
+    else:
+        rollout_model, loss_module = model, LossModule(model, micro_batch_loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     start_step = 0
     checkpoint_dir = args.output_dir / "checkpoint"
     if args.resume:
-        start_step = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)["step"]
-        print(f"resumed from {checkpoint_dir} at step {start_step}")
-    logger = MetricsLogger(args.output_dir, resume_step=start_step if args.resume else None)
+        start_step = load_checkpoint(checkpoint_dir, loss_module, optimizer, scheduler)["step"]
+        if rank == 0:
+            print(f"resumed from {checkpoint_dir} at step {start_step}")
+    logger = MetricsLogger(args.output_dir, resume_step=start_step if args.resume else None) if rank == 0 else None
     train_rows, eval_items = _data(args, tokenizer, n_img)
     group = 2 * args.g
     rollout_modes = bpo_modes(args.g) if args.algo == "bpo" else [int(Mode.AUTO)] * group
-    print(f"{args.algo}: {args.steps} steps x {args.prompts} prompts x {group} rollouts, model {args.model}")
+    local = args.prompts // world  # this rank's prompts: [rank * local, (rank + 1) * local) of every step's batch
+    if rank == 0:
+        print(f"{args.algo}: {args.steps} steps x {args.prompts} prompts x {group} rollouts, model {args.model}, "
+              f"{world} process(es), {device}, {precision}")
+
+    def evaluate(step):  # every rank syncs the replica (a collective); rank 0 evaluates it
+        if world > 1:
+            sync_weights(rollout_model, model)
+        if rank != 0:
+            return {}
+        with autocast(device, precision):
+            return evaluate_auto(rollout_model, tokenizer, tokens, eval_items, n_img, args.max_new_tokens,
+                                 args.temperature, args.seed)  # fmt: skip
+
     if start_step == 0 and eval_items:
-        before = evaluate_auto(model, tokenizer, tokens, eval_items, n_img, args.max_new_tokens, args.temperature,
-                               args.seed)
-        logger.log(0, before)
-        print("before: " + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in sorted(before.items())))
-    for step in tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc=args.algo, disable=None):
+        before = evaluate(0)
+        if rank == 0:
+            logger.log(0, before)
+            print("before: " + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in sorted(before.items())))
+    record = {}
+    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc=args.algo,
+                    disable=None if rank == 0 else True)  # fmt: skip
+    for step in progress:
         t0 = time.perf_counter()
         # data position = step: the prompts and the sampling noise of a step depend on (seed, step) only
         if train_rows is None:
             items = sample_items(args.prompts, args.seed * 1_000_003 + step, args.hard_fraction)
         else:
             items = [train_rows[(step * args.prompts + i) % len(train_rows)] for i in range(args.prompts)]
+        items = items[rank * local : (rank + 1) * local]
         gen = torch.Generator().manual_seed(args.seed * 7_000_003 + step)
         prompt_ids = [tokenizer(prompt_text(it, n_img), add_special_tokens=False)["input_ids"] for it in items]
-        model.eval()
-        with torch.no_grad():
+        if world > 1:
+            sync_weights(rollout_model, model)
+        rollout_model.eval()
+        with torch.no_grad(), autocast(device, precision):
             rollouts = generate_rollouts(
-                model, prompt_ids, [rollout_modes] * len(items), think_open_ids=tokens.think_open,
+                rollout_model, prompt_ids, [rollout_modes] * len(items), think_open_ids=tokens.think_open,
                 no_think_ids=tokens.no_think, think_close_ids=tokens.think_close, auto_ids=tokens.auto,
                 eos_id=tokens.eos, pad_id=tokens.pad, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, generator=gen,
-                prompt_embeds=prompt_embeddings(model, prompt_ids, items, tokens.image),
+                noise_rows=(rank * local * group, args.prompts * group),  # the global batch's noise, this slice
+                prompt_embeds=prompt_embeddings(rollout_model, prompt_ids, items, tokens.image),
             )  # fmt: skip
         model.train()
         t_rollout = time.perf_counter() - t0
@@ -255,47 +318,48 @@ def main(argv: list[str] | None = None) -> int:
         answers = [items[p].answer for p in rollouts.prompt_index.tolist()]
         report = compute_rewards(texts, answers, accuracy_reward, on_error=args.on_reward_error)
         for row, err in report.failures:
-            print(f"step {step + 1}: reward failed for rollout {row} ({err}); it is excluded", file=sys.stderr)
-        rewards = torch.tensor(report.rewards, device=rollouts.modes.device)
+            print(f"step {step + 1}: reward failed for rollout {rank * local * group + row} ({err}); it is excluded",
+                  file=sys.stderr)  # fmt: skip
+        rewards = torch.tensor(report.rewards, device=device)
         # classify auto rollouts by what they did, so that per-mode statistics mean the same in both algorithms
         modes = rollouts.modes.clone()
         if args.algo == "grpo":
-            modes = torch.tensor([int(Mode.THINK if thought(t) else Mode.NO_THINK) for t in texts], device=modes.device)
+            modes = torch.tensor([int(Mode.THINK if thought(t) else Mode.NO_THINK) for t in texts], device=device)
+        # groups never straddle ranks (a rank holds whole prompts): the advantages are local
         adv = group_advantages(rewards, group, modes=modes, estimator="bpo" if args.algo == "bpo" else "grpo",
                                nonfinite="zero")
         mask = rollouts.policy_mask & torch.isfinite(rewards)[:, None]  # a failed reward: never trained on
         ref_logprobs = None
         if reference is not None:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device, precision):
                 ref_hidden = policy_forward(reference, items, prompt_ids, rollouts, tokens.image, tokens.pad)
                 ref_logprobs = fused_linear_logprobs(ref_hidden.flatten(0, 1), reference.lm_head.weight,
                                                      rollouts.completions.flatten(),
                                                      temperature=args.temperature).view(mask.shape)
-        rows = torch.arange(mask.shape[0], device=mask.device)
+        rows = torch.arange(mask.shape[0], device=device)
         metrics_acc: dict[str, list[float]] = {}
         for _epoch in range(args.ppo_epochs):
             for mb in rows.chunk(args.mini_batches):
                 optimizer.zero_grad(set_to_none=True)
-                # global normaliser over the micro-batches: sequences (seq-mean-*) or tokens (token-mean)
+                # global normaliser over the micro-batches (and ranks): sequences (seq-mean-*) or tokens
                 if args.aggregation.startswith("seq-mean"):
-                    mb_norm = (mask[mb].sum(1) > 0).sum().clamp_min(1)
+                    mb_norm = (mask[mb].sum(1) > 0).sum()
                 else:
-                    mb_norm = mask[mb].sum().clamp_min(1)
+                    mb_norm = mask[mb].sum()
+                if world > 1:
+                    torch.distributed.all_reduce(mb_norm)
+                mb_norm = mb_norm.clamp_min(1)
                 for micro in mb.chunk(args.grad_accum):
                     sub = _select(rollouts, micro)
                     sub_items_idx = sorted(set(sub.prompt_index.tolist()))
                     remap = {p: i for i, p in enumerate(sub_items_idx)}
-                    sub.prompt_index = torch.tensor([remap[p] for p in sub.prompt_index.tolist()])
-                    hidden = policy_forward(model, [items[p] for p in sub_items_idx],
-                                            [prompt_ids[p] for p in sub_items_idx], sub, tokens.image, tokens.pad)
-                    loss, m = fused_linear_policy_loss(
-                        hidden, model.lm_head.weight, sub.completions, adv.advantages[micro], mask[micro],
-                        old_logprobs=rollouts.logprobs[micro],
-                        ref_logprobs=None if ref_logprobs is None else ref_logprobs[micro], beta=args.beta,
-                        clip_low=args.clip, clip_high=args.clip, temperature=args.temperature,
-                        aggregation=args.aggregation, normaliser=mb_norm,
-                    )  # fmt: skip
-                    loss.backward()
+                    sub.prompt_index = torch.tensor([remap[p] for p in sub.prompt_index.tolist()], device=device)
+                    batch = MicroBatch([items[p] for p in sub_items_idx], [prompt_ids[p] for p in sub_items_idx],
+                                       sub, adv.advantages[micro], mask[micro], rollouts.logprobs[micro],
+                                       None if ref_logprobs is None else ref_logprobs[micro])  # fmt: skip
+                    with autocast(device, precision):
+                        loss, m = loss_module(batch, tokens, args, mb_norm)
+                    (loss * world).backward()  # x world: FSDP averages gradients over ranks
                     for k, v in {"loss": loss, **m}.items():
                         metrics_acc.setdefault(k, []).append(float(v.detach()))
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -304,40 +368,64 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.perf_counter() - t0
         lengths = rollouts.lengths.float()
         record = {k: sum(v) / len(v) for k, v in metrics_acc.items()}
+        # each micro-batch's loss is its share of its mini-batch's loss: summed, then averaged over mini-batches
         record["loss"] = sum(metrics_acc["loss"]) / args.ppo_epochs / args.mini_batches
+        # per-mode means from sums and counts, so that they are exact over ranks too
+        finite = torch.isfinite(rewards)
+        totals = {"reward/all": (rewards[finite].sum(), finite.sum())}
         for mode in (Mode.THINK, Mode.NO_THINK):
             sel = modes == int(mode)
             name = mode.name.lower()
-            if sel.any():
-                record[f"reward/{name}"] = float(adv.mode_mean_overall[int(mode)])
-                record[f"length/{name}"] = float(lengths[sel].mean())
-        record["reward/all"] = float(rewards.nanmean())
+            totals[f"reward/{name}"] = (rewards[sel & finite].sum(), (sel & finite).sum())
+            totals[f"length/{name}"] = (lengths[sel].sum(), sel.sum())
+        sums = torch.stack([torch.stack([a.double(), b.double()]) for a, b in totals.values()])
         record["zero_signal_groups"] = int(adv.zero_signal_groups)
         record["tokens_per_s"] = float(rollouts.lengths.sum()) / elapsed
         record["rollout_s"], record["step_s"] = t_rollout, elapsed
+        if world > 1:
+            torch.distributed.all_reduce(sums)
+            record = _reduce_record(record, world)
+        for key, (total, count) in zip(totals, sums.tolist()):
+            if count:
+                record[key] = total / count
         if eval_items and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            record.update(evaluate_auto(model, tokenizer, tokens, eval_items, n_img, args.max_new_tokens,
-                                        args.temperature, args.seed))
-        logger.log(step + 1, record)
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            record.update(evaluate(step + 1))
+        if logger is not None:
+            logger.log(step + 1, record)
+        if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
             shown = {k: v for k, v in record.items() if k.startswith(("reward/", "eval/", "length/")) or k == "kl"}
             tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.3g}" for k, v in shown.items())
                        + f" ({elapsed:.1f} s/step)")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step + 1)
+            save_checkpoint(checkpoint_dir, loss_module, optimizer, scheduler, step + 1)  # every rank: gathers
         if args.stop_after is not None and step + 1 == args.stop_after:
             os._exit(3)  # no cleanup: what a kill leaves behind
+    if world > 1:
+        sync_weights(rollout_model, model)
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return 0
     logger.close()
-    final = {k: v for k, v in record.items() if k.startswith("eval/")} if args.steps > start_step else {}
+    final = {k: v for k, v in record.items() if k.startswith("eval/")}
     if final:
         print("after:  " + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in sorted(final.items())))
-    model.save_pretrained(args.output_dir / "model")
+    rollout_model.save_pretrained(args.output_dir / "model")  # the plain model (world 1: the policy itself)
     tokenizer.save_pretrained(args.output_dir / "model")
     if args.plot:
         from r4b_fast.training.plot import plot_run
 
         print(f"curves: {plot_run(args.output_dir)}")
     return 0
+
+
+def _reduce_record(record: dict, world: int) -> dict:
+    """Per-step metrics over all ranks: ``loss`` summed (each rank's share of the global normaliser), counts
+    summed, the rest averaged (equal rollouts per rank). Every rank must call it with the same keys."""
+    keys = sorted(record)
+    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(values)
+    summed = {"loss", "zero_signal_groups", "tokens_per_s"}
+    return {k: (v if k in summed else v / world) for k, v in zip(keys, values.tolist())}
 
 
 def _data(args, tokenizer, n_img):

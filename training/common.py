@@ -154,16 +154,16 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device: {name!r} is not a device ({err})") from None
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device: {name!r} requested, but torch sees no CUDA device")
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
     return device
 
 
@@ -184,6 +184,25 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def add_device_arguments(parser) -> None:
+    """``--device`` / ``--precision``, shared by both loops."""
+    parser.add_argument("--device", default="auto",
+                        help="auto (this process's GPU when CUDA is available, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="bf16: autocast forward passes to bfloat16 (fp32 weights and optimizer); "
+                             "auto: bf16 on CUDA, fp32 on CPU")  # fmt: skip
+
+
+def load_model(path, device):
+    """A LLaVA-OneVision-architecture model and its tokenizer from a local folder or a hub id, on ``device``."""
+    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+    if not (Path(path) / "config.json").exists() and Path(path).exists():
+        raise FileNotFoundError(f"--model: {path} has no config.json")
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(path)).to(device)
+    return model, AutoTokenizer.from_pretrained(str(path))
 
 
 def init_distributed(device: torch.device | None = None) -> tuple[int, int]:
@@ -232,3 +251,15 @@ def full_state_dict(model) -> dict:
     """The unsharded state dict (every rank must call it; ``{}`` for plain tensors is never returned)."""
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
 
+
+
+@torch.no_grad()
+def sync_weights(replica, model) -> None:
+    """Copy ``model``'s weights (FSDP2-sharded: every rank must call this, it all-gathers) into ``replica``, a plain
+    copy of the same architecture (the rollout engine's weights: generation needs no sharding and ranks may stop
+    decoding at different steps)."""
+    dst, src = list(replica.named_parameters()), list(model.named_parameters())
+    if [n for n, _ in dst] != [n for n, _ in src]:
+        raise ValueError("sync_weights: the replica's parameters do not match the model's")
+    for (_, p), (_, q) in zip(dst, src):
+        p.copy_(q.full_tensor() if hasattr(q, "full_tensor") else q)
