@@ -80,7 +80,7 @@ def test_sft_batch_masks_everything_but_the_assistant_turn():
         supervised = labels[row][labels[row] != -100].tolist()
         assert tok.decode(supervised) == target_text(item, mode) + tok.eos_token
         assert mask[row].sum() == (input_ids[row] != tok.pad_token_id).sum()
-    assert images.shape == (2, 3, 2 * CELL, 2 * CELL)
+    assert len(images) == 2 and all(img.shape == (3, 2 * CELL, 2 * CELL) for img in images)
 
 
 def test_tiny_model_forward_and_loss():
@@ -92,7 +92,7 @@ def test_tiny_model_forward_and_loss():
     assert math.isfinite(loss.item()) and abs(loss.item() - math.log(len(tok))) < 1.0  # near uniform at init
     # independent reference: the model's own padded forward with pixel values, eager cross-entropy on logits
     input_ids, mask, labels, images = batch
-    pixel_values, image_sizes = pixel_inputs(images)
+    pixel_values, image_sizes = pixel_inputs(torch.stack(images))
     logits = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values, image_sizes=image_sizes).logits
     ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)

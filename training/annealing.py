@@ -45,20 +45,18 @@ from r4b_fast.training.task import (
     sample_items,
     target_text,
 )
-from r4b_fast.training.tiny_model import (
-    build_tiny_r4b,
-    image_embeddings,
-    num_image_tokens,
-    parameter_groups,
-    pixel_inputs,
-)
+from r4b_fast.training.tiny_model import build_tiny_r4b, parameter_groups
+from r4b_fast.training.vision import ImageEncoder
 
 
-def encode_sft_batch(tokenizer, items: list[Item], modes: list[Mode], n_image_tokens: int):
-    """Right-padded input ids, attention mask, labels (-100 outside the assistant turn) and images."""
+def encode_sft_batch(tokenizer, items: list[Item], modes: list[Mode], n_image_tokens: int | list[int]):
+    """Right-padded input ids, attention mask, labels (-100 outside the assistant turn) and the list of images.
+    ``n_image_tokens``: the placeholders of every image, or per item (``ImageEncoder.count``)."""
+    if isinstance(n_image_tokens, int):
+        n_image_tokens = [n_image_tokens] * len(items)
     ids, labels = [], []
-    for item, mode in zip(items, modes):
-        prompt = tokenizer(prompt_text(item, n_image_tokens), add_special_tokens=False)["input_ids"]
+    for item, mode, n_img in zip(items, modes, n_image_tokens):
+        prompt = tokenizer(prompt_text(item, n_img), add_special_tokens=False)["input_ids"]
         target = tokenizer(target_text(item, mode), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids.append(prompt + target)
         labels.append([-100] * len(prompt) + target)
@@ -67,16 +65,20 @@ def encode_sft_batch(tokenizer, items: list[Item], modes: list[Mode], n_image_to
     input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
     label_ids = torch.tensor([x + [-100] * (width - len(x)) for x in labels])
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-    images = torch.stack([it.image() for it in items])
+    images = [it.image() for it in items]
     return input_ids, mask, label_ids, images
 
 
-def sft_loss(model, input_ids, attention_mask, labels, images, normaliser=None) -> tuple[torch.Tensor, int]:
+def sft_loss(model, input_ids, attention_mask, labels, images, normaliser=None,
+             encoder: ImageEncoder | None = None) -> tuple[torch.Tensor, int]:  # fmt: skip
     """Mean next-token cross-entropy over assistant tokens, and their count, on the project's ops: the padded batch
     is packed into one sequence (``pack_multimodal``: no padding computed), run through the model with varlen
     attention (``packed_forward``), and scored from the LM head's input (``fused_linear_logprobs``: no logits).
-    ``normaliser``: divide the summed loss by this (the global token count under data parallelism) instead."""
-    vision = image_embeddings(model, images)
+    ``normaliser``: divide the summed loss by this (the global token count under data parallelism) instead.
+    ``images``: a list of ``[3, H, W]`` tensors (or one ``[N, 3, H, W]`` tensor); ``encoder`` turns them into vision
+    features (default: the model's fixed-size path)."""
+    encoder = encoder or ImageEncoder(model)
+    vision = torch.cat(encoder.features(model, list(images)))
     packed = pack_multimodal(input_ids, attention_mask, model.get_input_embeddings().weight, vision,
                              image_token_id=model.config.image_token_index, rope="1d")
     hidden = packed_forward(model.model, packed).last_hidden_state[0]  # [T, D]
@@ -89,28 +91,29 @@ def sft_loss(model, input_ids, attention_mask, labels, images, normaliser=None) 
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, items: list[Item], mode: Mode, n_image_tokens: int, max_new_tokens: int = 48):
+def greedy_answers(model, tokenizer, items: list[Item], mode: Mode, encoder: ImageEncoder,
+                   max_new_tokens: int = 48) -> list[str]:  # fmt: skip
     """Greedy completions (after the forced mode prefix) for a batch of items, as text."""
-    prompts = [prompt_text(it, n_image_tokens) + MODE_PREFIX[mode] for it in items]
+    prompts = [prompt_text(it, encoder.count(model, it)) + MODE_PREFIX[mode] for it in items]
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False).to(device)
     tokenizer.padding_side = "right"
-    pixel_values, image_sizes = pixel_inputs(torch.stack([it.image() for it in items]).to(device))
+    pixel_values, image_sizes = encoder.pixel_inputs([it.image() for it in items], device, model.dtype)
     out = model.generate(**enc, pixel_values=pixel_values, image_sizes=image_sizes, max_new_tokens=max_new_tokens,
                          do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=False)
     return [MODE_PREFIX[mode] + t.split(tokenizer.eos_token)[0].replace(tokenizer.pad_token, "") for t in texts]
 
 
-def evaluate(model, tokenizer, items: list[Item], n_image_tokens: int) -> dict[str, float]:
+def evaluate(model, tokenizer, items: list[Item], encoder: ImageEncoder) -> dict[str, float]:
     """Accuracy per forced mode and per difficulty, and the think rate of auto mode per difficulty."""
     from r4b_fast.training.rewards import accuracy_reward, thought
 
     model.eval()
     metrics = {}
     for mode in (Mode.THINK, Mode.NO_THINK, Mode.AUTO):
-        completions = greedy_answers(model, tokenizer, items, mode, n_image_tokens)
+        completions = greedy_answers(model, tokenizer, items, mode, encoder)
         for hard, name in ((False, "easy"), (True, "hard")):
             rows = [(c, it) for c, it in zip(completions, items) if it.hard == hard]
             if not rows:
@@ -132,14 +135,14 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
 
 def _annealing_data(args, tokenizer, n_img):
     """(items, mode labels) for ``steps x batch-size`` positions: the embedded task, or the rows of --dataset
-    repeated in order (epochs)."""
+    repeated in order (epochs). ``n_img(item)``: the placeholders of the item's image."""
     if args.dataset is None:
         items = sample_items(args.steps * args.batch_size, args.seed)
         return items, annealing_labels(items, args.seed)
     from r4b_fast.training.data import annealing_row_problem, load_training_rows
 
     rows = load_training_rows(args.dataset, max_prompt_tokens=args.max_prompt_tokens, on_bad_row=args.on_bad_row,
-                              prompt_tokens=lambda r: len(tokenizer(prompt_text(r, n_img),
+                              prompt_tokens=lambda r: len(tokenizer(prompt_text(r, n_img(r)),
                                                                     add_special_tokens=False)["input_ids"]),
                               check=annealing_row_problem)  # fmt: skip
     return rows, [r.mode for r in rows]
@@ -194,8 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model, tokenizer = load_model(args.model, device)
     model_class, model_config = type(model), model.config
-    n_img = num_image_tokens(model)
+    encoder = ImageEncoder.for_model(model, args.model)
+
+    def n_img(item):  # every image size is measured here, before sharding (ImageEncoder.count needs a plain model)
+        return encoder.count(model, item)
+
     train_items, train_modes = _annealing_data(args, tokenizer, n_img)
+    if args.dataset is None:
+        n_img(train_items[0])  # the embedded task: one image size
     # the loss as a module: FSDP2's root under torchrun (same seeded weights on every rank), a plain wrapper alone
     loss_module = shard_model(model, sft_loss) if world > 1 else LossModule(model, sft_loss)
     optimizer = torch.optim.AdamW(parameter_groups(model, args.lr_vision, args.lr_projector, args.lr_llm))
@@ -220,14 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         # under torchrun each rank takes its contiguous share of the step's batch
         lo = step * args.batch_size + rank * share
         picked = [(lo + i) % len(train_items) for i in range(share)]
-        batch = encode_sft_batch(tokenizer, [train_items[i] for i in picked], [train_modes[i] for i in picked], n_img)
-        batch = tuple(t.to(device) for t in batch)
+        items = [train_items[i] for i in picked]
+        batch = encode_sft_batch(tokenizer, items, [train_modes[i] for i in picked], [n_img(it) for it in items])
+        batch = (*(t.to(device) for t in batch[:3]), batch[3])  # images stay on the CPU: the encoder moves them
         # the global token normaliser (x world: FSDP averages gradients over ranks)
         n_global = (batch[2][:, 1:] != -100).sum()
         if world > 1:
             torch.distributed.all_reduce(n_global)
         with autocast(device, precision):
-            loss, n_tokens = loss_module(*batch, normaliser=n_global)
+            loss, n_tokens = loss_module(*batch, normaliser=n_global, encoder=encoder)
         (loss * world).backward()
         loss = loss.detach().clone()
         if world > 1:
@@ -259,14 +269,19 @@ def main(argv: list[str] | None = None) -> int:
         model = model_class(model_config)
         model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
         model.to(device)
+    if args.eval_items and args.dataset is not None:
+        print("evaluation covers the embedded task only: skipped with --dataset (BPO evaluates held-out rows)")
     if args.eval_items and args.dataset is None:
         with autocast(device, precision):
-            metrics = evaluate(model, tokenizer, sample_items(args.eval_items, args.seed + 10_000, split="eval"), n_img)
+            eval_items = sample_items(args.eval_items, args.seed + 10_000, split="eval")
+            metrics = evaluate(model, tokenizer, eval_items, encoder)
         logger.log(args.steps, {f"eval/{k}": v for k, v in metrics.items()})
         print("eval: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items())))
     logger.close()
     model.save_pretrained(args.output_dir / "model")
     tokenizer.save_pretrained(args.output_dir / "model")
+    if encoder.image_processor is not None:  # the folder stays loadable with the same image pipeline
+        encoder.image_processor.save_pretrained(args.output_dir / "model")
     print(f"saved {args.output_dir / 'model'}")
     return 0
 

@@ -47,7 +47,7 @@ from r4b_fast.training.common import (
 from r4b_fast.training.rewards import accuracy_reward, compute_rewards, thought
 from r4b_fast.training.rollout import bpo_modes, generate_rollouts
 from r4b_fast.training.task import IMAGE_TOKEN, MODE_PREFIX, THINK_CLOSE_SEQUENCE, Item, prompt_text, sample_items
-from r4b_fast.training.tiny_model import image_embeddings, num_image_tokens
+from r4b_fast.training.vision import ImageEncoder
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = ASSETS / "annealed"
@@ -75,17 +75,17 @@ class ModeTokens:
                    tok.convert_tokens_to_ids(IMAGE_TOKEN))
 
 
-def prompt_embeddings(model, prompt_ids: list[list[int]], items: list[Item], image_id: int) -> list[torch.Tensor]:
+def prompt_embeddings(model, prompt_ids: list[list[int]], items: list[Item], image_id: int,
+                      encoder: ImageEncoder | None = None) -> list[torch.Tensor]:  # fmt: skip
     """Per prompt, the token embeddings with the image features written over its ``<image>`` placeholders."""
     device = next(model.parameters()).device
-    feats = image_embeddings(model, torch.stack([it.image() for it in items]).to(device))
-    per_image = feats.shape[0] // len(items)
+    feats = (encoder or ImageEncoder(model)).features(model, [it.image() for it in items])
     embed = model.get_input_embeddings()
     out = []
     for p, ids in enumerate(prompt_ids):
         ids_t = torch.tensor(ids, device=device)
         e = embed(ids_t).clone()
-        e[ids_t == image_id] = feats[p * per_image : (p + 1) * per_image].to(e.dtype)
+        e[ids_t == image_id] = feats[p].to(e.dtype)
         out.append(e)
     return out
 
@@ -98,7 +98,7 @@ def completion_texts(tokenizer, rollouts) -> list[str]:
     return texts
 
 
-def policy_forward(model, items, prompt_ids, rollouts, image_id, pad_id):
+def policy_forward(model, items, prompt_ids, rollouts, image_id, pad_id, encoder: ImageEncoder | None = None):
     """Hidden states that predict each completion token: ``[R, N, D]`` (gradients reach vision, projector, LLM)."""
     R, N = rollouts.completions.shape
     device = next(model.parameters()).device
@@ -113,10 +113,8 @@ def policy_forward(model, items, prompt_ids, rollouts, image_id, pad_id):
         attn[r, :n] = 1
         attn[r, n : n + N] = rollouts.completion_mask[r].long().cpu()
     ids, attn = ids.to(device), attn.to(device)
-    images = torch.stack([it.image() for it in items]).to(device)
-    feats = image_embeddings(model, images)  # [P * n_img, D], with grad
-    per_image = feats.shape[0] // len(items)
-    row_feats = feats.view(len(items), per_image, -1)[rollouts.prompt_index].reshape(-1, feats.shape[-1])
+    feats = (encoder or ImageEncoder(model)).features(model, [it.image() for it in items])  # per item, with grad
+    row_feats = torch.cat([feats[p] for p in rollouts.prompt_index.tolist()])
     # Pack prompt + completion of every rollout into one sequence (no padding computed). A sampled <image> token
     # in a completion is text, not a placeholder: hide it from the placeholder search, keep its embedding.
     in_prompt = torch.arange(width, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
@@ -130,8 +128,8 @@ def policy_forward(model, items, prompt_ids, rollouts, image_id, pad_id):
 
 
 @torch.no_grad()
-def evaluate_auto(model, tokenizer, tokens: ModeTokens, items: list[Item], n_img: int, max_new_tokens: int,
-                  temperature: float = 1.0, seed: int = 0):
+def evaluate_auto(model, tokenizer, tokens: ModeTokens, items: list[Item], encoder: ImageEncoder,
+                  max_new_tokens: int, temperature: float = 1.0, seed: int = 0):
     """Auto-mode rollouts on held-out items: accuracy and think rate on easy and hard items.
 
     Sampled (``temperature``, the same seed at every evaluation) rather than greedy, so that the think rate measures
@@ -139,13 +137,14 @@ def evaluate_auto(model, tokenizer, tokens: ModeTokens, items: list[Item], n_img
     """
     was_training = model.training
     model.eval()
-    prompt_ids = [tokenizer(prompt_text(it, n_img), add_special_tokens=False)["input_ids"] for it in items]
+    prompt_ids = [tokenizer(prompt_text(it, encoder.count(model, it)), add_special_tokens=False)["input_ids"]
+                  for it in items]  # fmt: skip
     rollouts = generate_rollouts(
         model, prompt_ids, [[Mode.AUTO]] * len(items), think_open_ids=tokens.think_open, no_think_ids=tokens.no_think,
         think_close_ids=tokens.think_close, auto_ids=tokens.auto, eos_id=tokens.eos, pad_id=tokens.pad,
         max_new_tokens=max_new_tokens, temperature=temperature,
         generator=torch.Generator().manual_seed(seed + 123_457),  # not any training step's generator
-        prompt_embeds=prompt_embeddings(model, prompt_ids, items, tokens.image),
+        prompt_embeds=prompt_embeddings(model, prompt_ids, items, tokens.image, encoder),
     )  # fmt: skip
     model.train(was_training)
     texts = completion_texts(tokenizer, rollouts)
@@ -229,9 +228,9 @@ class MicroBatch:
     ref_logprobs: torch.Tensor | None
 
 
-def micro_batch_loss(model, mb: MicroBatch, tokens: ModeTokens, args, normaliser):
+def micro_batch_loss(model, mb: MicroBatch, tokens: ModeTokens, args, normaliser, encoder: ImageEncoder):
     """The clipped policy loss of one micro-batch (``LossModule``'s function: FSDP2's root under torchrun)."""
-    hidden = policy_forward(model, mb.items, mb.prompt_ids, mb.rollouts, tokens.image, tokens.pad)
+    hidden = policy_forward(model, mb.items, mb.prompt_ids, mb.rollouts, tokens.image, tokens.pad, encoder)
     return fused_linear_policy_loss(
         hidden, model.lm_head.weight, mb.rollouts.completions, mb.advantages, mb.mask, old_logprobs=mb.old_logprobs,
         ref_logprobs=mb.ref_logprobs, beta=args.beta, clip_low=args.clip, clip_high=args.clip,
@@ -249,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(args.model, device)
     model.train()
     tokens = ModeTokens.from_tokenizer(tokenizer)
-    n_img = num_image_tokens(model)
+    encoder = ImageEncoder.for_model(model, args.model)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
     if world > 1:  # FSDP2 for training; a plain replica, re-synced every step, for generation and evaluation
         rollout_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -257,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rollout_model, loss_module = model, LossModule(model, micro_batch_loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+
+    def n_img(item):  # placeholders of the item's image, measured on the plain (rollout) copy
+        return encoder.count(rollout_model, item)
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     start_step = 0
     checkpoint_dir = args.output_dir / "checkpoint"
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank != 0:
             return {}
         with autocast(device, precision):
-            return evaluate_auto(rollout_model, tokenizer, tokens, eval_items, n_img, args.max_new_tokens,
+            return evaluate_auto(rollout_model, tokenizer, tokens, eval_items, encoder, args.max_new_tokens,
                                  args.temperature, args.seed)  # fmt: skip
 
     if start_step == 0 and eval_items:
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             items = [train_rows[(step * args.prompts + i) % len(train_rows)] for i in range(args.prompts)]
         items = items[rank * local : (rank + 1) * local]
         gen = torch.Generator().manual_seed(args.seed * 7_000_003 + step)
-        prompt_ids = [tokenizer(prompt_text(it, n_img), add_special_tokens=False)["input_ids"] for it in items]
+        prompt_ids = [tokenizer(prompt_text(it, n_img(it)), add_special_tokens=False)["input_ids"] for it in items]
         if world > 1:
             sync_weights(rollout_model, model)
         rollout_model.eval()
@@ -310,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 eos_id=tokens.eos, pad_id=tokens.pad, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, generator=gen,
                 noise_rows=(rank * local * group, args.prompts * group),  # the global batch's noise, this slice
-                prompt_embeds=prompt_embeddings(rollout_model, prompt_ids, items, tokens.image),
+                prompt_embeds=prompt_embeddings(rollout_model, prompt_ids, items, tokens.image, encoder),
             )  # fmt: skip
         model.train()
         t_rollout = time.perf_counter() - t0
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         ref_logprobs = None
         if reference is not None:
             with torch.no_grad(), autocast(device, precision):
-                ref_hidden = policy_forward(reference, items, prompt_ids, rollouts, tokens.image, tokens.pad)
+                ref_hidden = policy_forward(reference, items, prompt_ids, rollouts, tokens.image, tokens.pad, encoder)
                 ref_logprobs = fused_linear_logprobs(ref_hidden.flatten(0, 1), reference.lm_head.weight,
                                                      rollouts.completions.flatten(),
                                                      temperature=args.temperature).view(mask.shape)
@@ -358,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                                        sub, adv.advantages[micro], mask[micro], rollouts.logprobs[micro],
                                        None if ref_logprobs is None else ref_logprobs[micro])  # fmt: skip
                     with autocast(device, precision):
-                        loss, m = loss_module(batch, tokens, args, mb_norm)
+                        loss, m = loss_module(batch, tokens, args, mb_norm, encoder)
                     (loss * world).backward()  # x world: FSDP averages gradients over ranks
                     for k, v in {"loss": loss, **m}.items():
                         metrics_acc.setdefault(k, []).append(float(v.detach()))
@@ -411,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         print("after:  " + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in sorted(final.items())))
     rollout_model.save_pretrained(args.output_dir / "model")  # the plain model (world 1: the policy itself)
     tokenizer.save_pretrained(args.output_dir / "model")
+    if encoder.image_processor is not None:  # the folder stays loadable with the same image pipeline
+        encoder.image_processor.save_pretrained(args.output_dir / "model")
     if args.plot:
         from r4b_fast.training.plot import plot_run
 
@@ -429,14 +434,15 @@ def _reduce_record(record: dict, world: int) -> dict:
 
 
 def _data(args, tokenizer, n_img):
-    """Training rows (None: the embedded task, sampled per step) and evaluation items."""
+    """Training rows (None: the embedded task, sampled per step) and evaluation items; ``n_img(item)``: the
+    placeholders of the item's image."""
     if args.dataset is None:
         return None, sample_items(args.eval_items, args.seed + 10_000, args.hard_fraction, split="eval")
     from r4b_fast.training.data import load_training_rows
 
     def checked(path):
         return load_training_rows(path, max_prompt_tokens=args.max_prompt_tokens, on_bad_row=args.on_bad_row,
-                                  prompt_tokens=lambda row: len(tokenizer(prompt_text(row, n_img),
+                                  prompt_tokens=lambda row: len(tokenizer(prompt_text(row, n_img(row)),
                                                                           add_special_tokens=False)["input_ids"]))
 
     rows = checked(args.dataset)

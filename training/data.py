@@ -17,18 +17,22 @@ from pathlib import Path
 import torch
 
 from r4b_fast.modes import Mode
-from r4b_fast.training.task import IMAGE_SIZE
 
 _MODES = {"think": Mode.THINK, "no_think": Mode.NO_THINK, 1: Mode.THINK, 0: Mode.NO_THINK}
 
 
 @dataclass(frozen=True)
 class DataItem:
-    """One row, with the interface of the embedded task's ``Item`` (question, answer, hard, image())."""
+    """One row, with the interface of the embedded task's ``Item`` (question, answer, hard, image()).
+
+    The image is kept as its encoded source (bytes or a path) and decoded on use, at its native size: a dataset of
+    large images is not held decoded in memory. The loops resize or tile it as the model wants (``ImageEncoder``).
+    """
 
     question: str
     answer: str
-    pixels: torch.Tensor  # [3, IMAGE_SIZE, IMAGE_SIZE] float32 in [0, 1]
+    source: bytes | str  # the encoded image, or the path of its file
+    size: tuple[int, int]  # (H, W), measured when the row was validated
     hard: bool | None = None
     mode: Mode | None = None
     thought: str | None = None
@@ -41,29 +45,35 @@ class DataItem:
         return self.thought
 
     def image(self) -> torch.Tensor:
-        return self.pixels
+        """``[3, H, W]`` float32 in [0, 1]."""
+        return _to_tensor(_open_image(self.source))
 
 
 class BadRowError(ValueError):
     """A data row that cannot be trained on; the message names the row and the reason."""
 
 
-def _decode_image(value, base: Path) -> torch.Tensor:
+def _open_image(source):
     from PIL import Image
 
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        img = Image.open(io.BytesIO(value))
-    elif isinstance(value, str):
-        path = Path(value) if Path(value).is_absolute() else base / value
-        img = Image.open(path)
-    else:
-        raise ValueError(f"image: expected a path, bytes or {{'bytes', 'path'}}, got {type(value).__name__}")
-    img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))  # the tiny model's input size
+    img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    return img.convert("RGB")
+
+
+def _to_tensor(img) -> torch.Tensor:
     import numpy as np
 
     return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1).contiguous() / 255
+
+
+def _image_source(value, base: Path) -> bytes | str:
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        return str(Path(value) if Path(value).is_absolute() else base / value)
+    raise ValueError(f"image: expected a path, bytes or {{'bytes', 'path'}}, got {type(value).__name__}")
 
 
 def _parse_row(row: dict, base: Path) -> DataItem:
@@ -75,13 +85,15 @@ def _parse_row(row: dict, base: Path) -> DataItem:
         raise ValueError("answer: missing or empty")
     if row.get("image") is None:
         raise ValueError("image: missing")
+    source = _image_source(row["image"], base)
     try:
-        pixels = _decode_image(row["image"], base)
+        img = _open_image(source)
+        img.load()  # decode fully now: a truncated file fails here, not in the middle of training
     except Exception as err:  # PIL raises many types for a corrupt or missing file
         raise ValueError(f"image: cannot be decoded ({type(err).__name__}: {err})") from err
     mode = row.get("mode")
     if mode is not None:
-        if mode not in _MODES:
+        if not isinstance(mode, (str, int)) or mode not in _MODES:
             raise ValueError(f"mode: expected 'think', 'no_think', 1 or 0, got {mode!r}")
         mode = _MODES[mode]
     hard = row.get("hard")
@@ -89,7 +101,8 @@ def _parse_row(row: dict, base: Path) -> DataItem:
     if thought is not None and not isinstance(thought, str):
         raise ValueError(f"thought: expected a string, got {type(thought).__name__}")
     thought = thought.strip() if thought else None
-    return DataItem(question.strip(), str(answer).strip(), pixels, None if hard is None else bool(hard), mode, thought)
+    return DataItem(question.strip(), str(answer).strip(), source, (img.height, img.width),
+                    None if hard is None else bool(hard), mode, thought)  # fmt: skip
 
 
 def load_rows(path: Path | str, *, on_bad_row: str = "raise") -> tuple[list[DataItem], list[tuple[int, str]]]:
