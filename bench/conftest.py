@@ -3,14 +3,12 @@ extra_info; those timings say nothing about GPU speed). TRITON_INTERPRET is set 
 
 import os
 
-# CPU: let PyTorch's allocator back large tensors with transparent huge pages. Without it every fresh output of
-# 100+ MiB pays ~4x its copy time in 4 KiB page faults on this kind of VM (measured: a 160 MiB clone 96 ms, a copy
-# into a preallocated buffer 21 ms; with this setting 24 ms), which would time the kernel's allocator, not the op.
-# Read lazily at the first large allocation, so it applies to every implementation alike; export
-# THP_MEM_ALLOC_ENABLE=0 to measure without it.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-import torch  # noqa: E402
+# Not set here: THP_MEM_ALLOC_ENABLE=1 (PyTorch's allocator backing large CPU tensors with transparent huge pages).
+# It removes the page faults of fresh 100+ MiB outputs (a 160 MiB clone: 96 ms -> 24 ms on the dev VM; a copy into a
+# preallocated buffer is 21 ms), but it is not neutral: it makes the fused loss's repeated chunk allocations slower
+# (1.16 s -> 1.40 s) and eager's big logits faster (1.45 s -> 1.00 s) at T=1024 V=32000 fwd+bwd. Runs with it are
+# saved separately (bench/results/cpu-pack-thp.*).
+import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"

@@ -3,7 +3,8 @@ backends, M-RoPE, 0-8 images per sample. ``ratio_to_copy``: time / time of a pla
 (the op's memory-bound limit), measured in the same test: ``ratio_to_copy`` against ``clone()`` (the copy allocates
 its output like every implementation), ``ratio_to_copy_prealloc`` against a copy into a preallocated buffer.
 On the HF row ``ratio_to_copy`` is therefore the largest speed-up any implementation that writes its output can
-reach at that shape. (CPU runs use transparent huge pages for large tensors, see ``conftest.py``.)"""
+reach at that shape. On CPU, ``THP_MEM_ALLOC_ENABLE=1`` removes most of the page-fault cost of fresh outputs for
+every implementation (see ``conftest.py``)."""
 
 import time
 

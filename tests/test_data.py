@@ -117,11 +117,13 @@ def test_annealing_on_own_rows_with_mode_labels(tmp_path):
         rows.append(row)
     rows.insert(2, {"image": "img0.png", "question": items[0].question, "answer": items[0].answer})  # no mode
     rows.insert(4, {"image": "img1.png", "question": "q?", "answer": "1", "mode": "think"})  # think, no thought
+    rows.insert(0, {"image": "img1.png", "question": "q?", "mode": "no_think"})  # no answer: reported as row 0
     with (tmp_path / "sft.jsonl").open("w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
 
-    good, _ = load_rows(tmp_path / "sft.jsonl")
+    good, _ = load_rows(tmp_path / "sft.jsonl", on_bad_row="skip")
+    assert [r.row for r in good[:5]] == [1, 2, 3, 4, 5]  # file rows, not positions among the kept ones
     problems = [annealing_row_problem(r) for r in good]
     assert [i for i, p in enumerate(problems) if p] == [2, 4]
     assert "mode: missing" in problems[2] and "thought: missing" in problems[4]
@@ -136,11 +138,12 @@ def test_annealing_on_own_rows_with_mode_labels(tmp_path):
                               text=True, timeout=600)  # fmt: skip
 
     strict = anneal()
-    assert strict.returncode != 0 and "sft.jsonl, usable row 2: mode: missing" in strict.stderr
+    assert strict.returncode != 0 and "sft.jsonl, row 0: answer: missing" in strict.stderr
     lenient = anneal("--on-bad-row", "skip")
     assert lenient.returncode == 0, lenient.stderr[-2000:]
-    assert "skipped sft.jsonl row 2: mode: missing" in lenient.stderr
-    assert "skipped sft.jsonl row 4: thought: missing" in lenient.stderr
+    assert "skipped sft.jsonl row 0: answer: missing" in lenient.stderr
+    assert "skipped sft.jsonl row 3: mode: missing" in lenient.stderr
+    assert "skipped sft.jsonl row 5: thought: missing" in lenient.stderr
     n_think = sum(it.hard for it in items)
     assert f"{round(100 * n_think / len(items))}% thinking labels" in lenient.stdout
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset is None:
         n_img(train_items[0])  # the embedded task: one image size
     # the loss as a module: FSDP2's root under torchrun (same seeded weights on every rank), a plain wrapper alone
-    loss_module = shard_model(model, sft_loss) if world > 1 else LossModule(model, sft_loss)
+    loss_module = shard_model(model, sft_loss, device) if world > 1 else LossModule(model, sft_loss)
     optimizer = torch.optim.AdamW(parameter_groups(model, args.lr_vision, args.lr_projector, args.lr_llm))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, args.steps, args.warmup))
     checkpoint_dir = args.output_dir / "checkpoint"

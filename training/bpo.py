@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = init_distributed(device)
     if world > 1 and args.prompts % world:
         raise SystemExit(f"--prompts {args.prompts} must divide by the world size {world}")
+    if (args.prompts // world) * 2 * args.g % (args.mini_batches * args.grad_accum):
+        raise SystemExit(f"--mini-batches x --grad-accum must divide each rank's rollouts ({args.prompts // world} "
+                         f"prompts x 2g = {args.prompts // world * 2 * args.g})")  # fmt: skip
     model, tokenizer = load_model(args.model, device)
     model.train()
     tokens = ModeTokens.from_tokenizer(tokenizer)
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
     if world > 1:  # FSDP2 for training; a plain replica, re-synced every step, for generation and evaluation
         rollout_model = copy.deepcopy(model).eval().requires_grad_(False)
-        loss_module = shard_model(model, micro_batch_loss)
+        loss_module = shard_model(model, micro_batch_loss, device)
     else:
         rollout_model, loss_module = model, LossModule(model, micro_batch_loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -381,13 +384,16 @@ def main(argv: list[str] | None = None) -> int:
             name = mode.name.lower()
             totals[f"reward/{name}"] = (rewards[sel & finite].sum(), (sel & finite).sum())
             totals[f"length/{name}"] = (lengths[sel].sum(), sel.sum())
+            for hard, level in ((True, "hard"), (False, "easy")):  # rows of known difficulty only
+                on = torch.tensor([items[p].hard is hard for p in rollouts.prompt_index.tolist()], device=device)
+                totals[f"reward/{name}_{level}"] = (rewards[sel & on & finite].sum(), (sel & on & finite).sum())
         sums = torch.stack([torch.stack([a.double(), b.double()]) for a, b in totals.values()])
         record["zero_signal_groups"] = int(adv.zero_signal_groups)
         record["tokens_per_s"] = float(rollouts.lengths.sum()) / elapsed
         record["rollout_s"], record["step_s"] = t_rollout, elapsed
         if world > 1:
             torch.distributed.all_reduce(sums)
-            record = _reduce_record(record, world)
+            record = _reduce_record(record, world, device)  # NCCL reduces device tensors only
         for key, (total, count) in zip(totals, sums.tolist()):
             if count:
                 record[key] = total / count
@@ -423,11 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _reduce_record(record: dict, world: int) -> dict:
+def _reduce_record(record: dict, world: int, device: torch.device) -> dict:
     """Per-step metrics over all ranks: ``loss`` summed (each rank's share of the global normaliser), counts
     summed, the rest averaged (equal rollouts per rank). Every rank must call it with the same keys."""
     keys = sorted(record)
-    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
+    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(values)
     summed = {"loss", "zero_signal_groups", "tokens_per_s"}
     return {k: (v if k in summed else v / world) for k, v in zip(keys, values.tolist())}

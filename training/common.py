@@ -132,13 +132,19 @@ def load_checkpoint(directory: Path, module, optimizer, scheduler) -> dict:
     missing = [f for f in CHECKPOINT_FILES if not (directory / f).exists()]
     if missing:
         raise FileNotFoundError(f"resume: checkpoint {directory} lacks {missing}")
-    options = StateDictOptions(full_state_dict=True)
-    weights = {"model." + k: v for k, v in load_file(str(directory / "model.safetensors")).items()}
+    import torch.distributed as dist
+
+    # under torchrun rank 0 reads the tensors and broadcasts them shard by shard: one full copy in host memory
+    sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    reader = not sharded or dist.get_rank() == 0
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
+    weights = {"model." + k: v for k, v in load_file(str(directory / "model.safetensors")).items()} if reader else {}
     set_model_state_dict(module, weights, options=options)
-    state = torch.load(directory / "trainer_state.pt", weights_only=False)
+    state = torch.load(directory / "trainer_state.pt", weights_only=False, mmap=True)  # mmap: read what is used
     # strict=False: a parameter that never had a gradient (an unused layer) has no AdamW state to restore
-    set_optimizer_state_dict(module, optimizer, optim_state_dict=state["optimizer"],
-                             options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(module, optimizer, optim_state_dict=state["optimizer"] if reader else {},
+                             options=StateDictOptions(full_state_dict=True, strict=False,
+                                                      broadcast_from_rank0=sharded))  # fmt: skip
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_torch"])
     random.setstate(state["rng_python"])
@@ -163,6 +169,8 @@ def resolve_device(name: str) -> torch.device:
             raise ValueError(f"--device: {name!r} requested, but torch sees no CUDA device")
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"--device {name}: under torchrun give cuda (each rank takes cuda:LOCAL_RANK)")
         torch.cuda.set_device(device)
     return device
 
@@ -201,7 +209,9 @@ def load_model(path, device):
 
     if not (Path(path) / "config.json").exists() and Path(path).exists():
         raise FileNotFoundError(f"--model: {path} has no config.json")
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(path)).to(device)
+    # fp32 master weights whatever dtype the checkpoint was saved in (bf16 for R-4B): AdamW updates them in fp32,
+    # and --precision bf16 autocasts the compute
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).to(device)
     return model, AutoTokenizer.from_pretrained(str(path))
 
 
@@ -216,8 +226,12 @@ def init_distributed(device: torch.device | None = None) -> tuple[int, int]:
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
+        import datetime
+
         on_gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
-        dist.init_process_group("nccl" if on_gpu else "gloo")
+        # rank 0 alone evaluates and writes checkpoints while the others wait in the next collective
+        timeout = datetime.timedelta(seconds=int(os.environ.get("R4B_DIST_TIMEOUT_S", "7200")))
+        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -235,15 +249,19 @@ class LossModule(torch.nn.Module):
         return self.loss_fn(self.model, *args, **kwargs)
 
 
-def shard_model(model, loss_fn) -> LossModule:
+def shard_model(model, loss_fn, device: torch.device | None = None) -> LossModule:
     """FSDP2: each decoder layer of the language model its own unit, everything else in the root unit (the
-    returned :class:`LossModule`, to call instead of ``loss_fn(model, ...)``)."""
+    returned :class:`LossModule`, to call instead of ``loss_fn(model, ...)``), on a mesh of ``device``'s type
+    (FSDP2's default mesh would be CUDA on a GPU machine even for a ``--device cpu`` run)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),)) if device is not None else None
     for layer in model.model.language_model.layers:
-        fully_shard(layer)
+        fully_shard(layer, mesh=mesh)
     root = LossModule(model, loss_fn)
-    fully_shard(root)
+    fully_shard(root, mesh=mesh)
     return root
 
 

@@ -36,6 +36,7 @@ class DataItem:
     hard: bool | None = None
     mode: Mode | None = None
     thought: str | None = None
+    row: int = -1  # index in the file, for reports
 
     @property
     def steps(self) -> str:
@@ -76,7 +77,7 @@ def _image_source(value, base: Path) -> bytes | str:
     raise ValueError(f"image: expected a path, bytes or {{'bytes', 'path'}}, got {type(value).__name__}")
 
 
-def _parse_row(row: dict, base: Path) -> DataItem:
+def _parse_row(row: dict, base: Path, index: int) -> DataItem:
     question = row.get("question")
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question: missing or empty")
@@ -102,7 +103,7 @@ def _parse_row(row: dict, base: Path) -> DataItem:
         raise ValueError(f"thought: expected a string, got {type(thought).__name__}")
     thought = thought.strip() if thought else None
     return DataItem(question.strip(), str(answer).strip(), source, (img.height, img.width),
-                    None if hard is None else bool(hard), mode, thought)  # fmt: skip
+                    None if hard is None else bool(hard), mode, thought, index)  # fmt: skip
 
 
 def load_rows(path: Path | str, *, on_bad_row: str = "raise") -> tuple[list[DataItem], list[tuple[int, str]]]:
@@ -121,7 +122,7 @@ def load_rows(path: Path | str, *, on_bad_row: str = "raise") -> tuple[list[Data
     items, bad = [], []
     for index, row in enumerate(table):
         try:
-            items.append(_parse_row(row, path.parent))
+            items.append(_parse_row(row, path.parent, index))
         except ValueError as err:
             if on_bad_row == "raise":
                 raise BadRowError(f"dataset {path.name}, row {index}: {err}") from err
@@ -141,7 +142,7 @@ def load_training_rows(path: Path | str, *, prompt_tokens, max_prompt_tokens: in
     path = Path(path)
     rows, bad = load_rows(path, on_bad_row=on_bad_row)
     kept = []
-    for index, row in enumerate(rows):
+    for row in rows:
         n = prompt_tokens(row)
         reason = None
         if n > max_prompt_tokens:
@@ -152,9 +153,9 @@ def load_training_rows(path: Path | str, *, prompt_tokens, max_prompt_tokens: in
             kept.append(row)
             continue
         if on_bad_row == "raise":
-            raise BadRowError(f"dataset {path.name}, usable row {index}: {reason}")
-        bad.append((index, reason))
-    for index, reason in bad:
+            raise BadRowError(f"dataset {path.name}, row {row.row}: {reason}")
+        bad.append((row.row, reason))
+    for index, reason in sorted(bad):
         print(f"skipped {path.name} row {index}: {reason}", file=sys.stderr)
     if not kept:
         raise ValueError(f"--dataset: no usable rows left in {path}")
