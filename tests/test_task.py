@@ -16,6 +16,7 @@ from r4b_fast.training.task import (
     annealing_labels,
     build_dataset,
     build_tokenizer,
+    prompt_text,
     sample_items,
     target_text,
 )
@@ -175,3 +176,47 @@ def test_annealing_bf16_autocast_tracks_fp32(tmp_path):
     assert fp32[0] != bf16[0]  # the forward really ran in bf16
     assert abs(bf16[0] - fp32[0]) < 0.02 * fp32[0]
     assert bf16[-1] < bf16[0]
+
+
+def test_annealing_final_evaluation_with_the_rollout_engine(tmp_path):
+    """The end-of-annealing evaluation (greedy completions of the rollout engine in each mode) is logged per mode and
+    difficulty; the values are fractions of the items."""
+    from r4b_fast.training.common import read_metrics
+
+    proc = _annealing(tmp_path, "--steps", "2", "--eval-items", "8", "--save-every", "0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    for mode in ("think", "no_think", "auto"):
+        for level in ("easy", "hard"):
+            value = record[f"eval/acc_{mode}_{level}"]
+            assert 0 <= value <= 1
+    assert 0 <= record["eval/think_rate_hard"] <= 1
+    assert "eval: acc_auto_easy" in proc.stdout
+
+
+def test_greedy_evaluation_completions_equal_transformers_generate():
+    """The evaluation's greedy completions (the project's rollout engine, forced prefixes, KV cache, image features
+    written into the prompt) are transformers' own greedy ``generate`` on the shipped annealed model, in every mode."""
+    from r4b_fast.training.bpo import DEFAULT_MODEL
+    from r4b_fast.training.common import load_model
+    from r4b_fast.training.evaluation import ModeTokens, mode_completions
+    from r4b_fast.training.vision import ImageEncoder
+
+    model, tok = load_model(DEFAULT_MODEL, "cpu")
+    enc = ImageEncoder.for_model(model, DEFAULT_MODEL)
+    items = sample_items(12, 10_000, split="eval")
+    tokens = ModeTokens.from_tokenizer(tok)
+    for mode in (Mode.THINK, Mode.NO_THINK, Mode.AUTO):
+        ours = mode_completions(model, tok, tokens, items, mode, enc, max_new_tokens=30)
+        prompts = [prompt_text(it, enc.count(model, it)) + MODE_PREFIX[mode] for it in items]
+        tok.padding_side = "left"
+        batch = tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+        tok.padding_side = "right"
+        pixel_values, image_sizes = pixel_inputs(torch.stack([it.image() for it in items]))
+        out = model.generate(**batch, pixel_values=pixel_values, image_sizes=image_sizes, do_sample=False,
+                             max_new_tokens=30 - len(tokens.think_open if mode == Mode.THINK else
+                                                     tokens.no_think if mode == Mode.NO_THINK else tokens.auto),
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+        texts = tok.batch_decode(out[:, batch.input_ids.shape[1] :])
+        theirs = [MODE_PREFIX[mode] + t.split(tok.eos_token)[0].replace(tok.pad_token, "") for t in texts]
+        assert ours == theirs, mode

@@ -36,8 +36,8 @@ from r4b_fast.training.common import (
     set_seed,
     shard_model,
 )
+from r4b_fast.training.evaluation import evaluate
 from r4b_fast.training.task import (
-    MODE_PREFIX,
     Item,
     annealing_labels,
     build_tokenizer,
@@ -88,42 +88,6 @@ def sft_loss(model, input_ids, attention_mask, labels, images, normaliser=None,
     n_tokens = int((targets != -100).sum())
     logp = fused_linear_logprobs(hidden, model.lm_head.weight, targets)
     return -logp.sum() / (normaliser if normaliser is not None else max(n_tokens, 1)), n_tokens
-
-
-@torch.no_grad()
-def greedy_answers(model, tokenizer, items: list[Item], mode: Mode, encoder: ImageEncoder,
-                   max_new_tokens: int = 48) -> list[str]:  # fmt: skip
-    """Greedy completions (after the forced mode prefix) for a batch of items, as text."""
-    prompts = [prompt_text(it, encoder.count(model, it)) + MODE_PREFIX[mode] for it in items]
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False).to(device)
-    tokenizer.padding_side = "right"
-    pixel_values, image_sizes = encoder.pixel_inputs([it.image() for it in items], device, model.dtype)
-    out = model.generate(**enc, pixel_values=pixel_values, image_sizes=image_sizes, max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=False)
-    return [MODE_PREFIX[mode] + t.split(tokenizer.eos_token)[0].replace(tokenizer.pad_token, "") for t in texts]
-
-
-def evaluate(model, tokenizer, items: list[Item], encoder: ImageEncoder) -> dict[str, float]:
-    """Accuracy per forced mode and per difficulty, and the think rate of auto mode per difficulty."""
-    from r4b_fast.training.rewards import accuracy_reward, thought
-
-    model.eval()
-    metrics = {}
-    for mode in (Mode.THINK, Mode.NO_THINK, Mode.AUTO):
-        completions = greedy_answers(model, tokenizer, items, mode, encoder)
-        for hard, name in ((False, "easy"), (True, "hard")):
-            rows = [(c, it) for c, it in zip(completions, items) if it.hard == hard]
-            if not rows:
-                continue
-            acc = sum(accuracy_reward(c, it.answer) for c, it in rows) / len(rows)
-            metrics[f"acc_{mode.name.lower()}_{name}"] = acc
-            if mode == Mode.AUTO:
-                metrics[f"think_rate_{name}"] = sum(thought(c) for c, _ in rows) / len(rows)
-    model.train()
-    return metrics
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -274,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_items and args.dataset is None:
         with autocast(device, precision):
             eval_items = sample_items(args.eval_items, args.seed + 10_000, split="eval")
-            metrics = evaluate(model, tokenizer, eval_items, encoder)
-        logger.log(args.steps, {f"eval/{k}": v for k, v in metrics.items()})
-        print("eval: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items())))
+            # greedy completions of the project's rollout engine, the forced modes and auto mode
+            metrics = evaluate(model, tokenizer, eval_items, encoder, modes=(Mode.THINK, Mode.NO_THINK, Mode.AUTO),
+                               max_new_tokens=48, temperature=0.0)  # fmt: skip
+        logger.log(args.steps, metrics)
+        print("eval: " + ", ".join(f"{k.removeprefix('eval/')} {v:.2f}" for k, v in sorted(metrics.items())))
     logger.close()
     model.save_pretrained(args.output_dir / "model")
     tokenizer.save_pretrained(args.output_dir / "model")

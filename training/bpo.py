@@ -44,58 +44,16 @@ from r4b_fast.training.common import (
     shard_model,
     sync_weights,
 )
+from r4b_fast.training.evaluation import ModeTokens, completion_texts, evaluate, prompt_embeddings
 from r4b_fast.training.rewards import accuracy_reward, compute_rewards, thought
 from r4b_fast.training.rollout import bpo_modes, generate_rollouts
-from r4b_fast.training.task import IMAGE_TOKEN, MODE_PREFIX, THINK_CLOSE_SEQUENCE, Item, prompt_text, sample_items
+from r4b_fast.training.task import prompt_text, sample_items
 from r4b_fast.training.vision import ImageEncoder
+
+__all__ = ["ModeTokens", "main", "micro_batch_loss", "policy_forward", "prompt_embeddings"]
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = ASSETS / "annealed"
-
-
-@dataclass
-class ModeTokens:
-    """Token ids of the mode-control sequences, from the tokenizer (never hard-coded)."""
-
-    think_open: list[int]
-    no_think: list[int]
-    think_close: list[int]
-    auto: list[int]
-    eos: int
-    pad: int
-    image: int
-
-    @classmethod
-    def from_tokenizer(cls, tok) -> ModeTokens:
-        def ids(text):
-            return tok(text, add_special_tokens=False)["input_ids"]
-
-        return cls(ids(MODE_PREFIX[Mode.THINK]), ids(MODE_PREFIX[Mode.NO_THINK]), ids(THINK_CLOSE_SEQUENCE),
-                   ids(MODE_PREFIX[Mode.AUTO]), tok.eos_token_id, tok.pad_token_id,
-                   tok.convert_tokens_to_ids(IMAGE_TOKEN))
-
-
-def prompt_embeddings(model, prompt_ids: list[list[int]], items: list[Item], image_id: int,
-                      encoder: ImageEncoder | None = None) -> list[torch.Tensor]:  # fmt: skip
-    """Per prompt, the token embeddings with the image features written over its ``<image>`` placeholders."""
-    device = next(model.parameters()).device
-    feats = (encoder or ImageEncoder(model)).features(model, [it.image() for it in items])
-    embed = model.get_input_embeddings()
-    out = []
-    for p, ids in enumerate(prompt_ids):
-        ids_t = torch.tensor(ids, device=device)
-        e = embed(ids_t).clone()
-        e[ids_t == image_id] = feats[p].to(e.dtype)
-        out.append(e)
-    return out
-
-
-def completion_texts(tokenizer, rollouts) -> list[str]:
-    texts = []
-    for row, mask in zip(rollouts.completions.tolist(), rollouts.completion_mask.tolist()):
-        ids = [t for t, m in zip(row, mask) if m and t != tokenizer.eos_token_id]
-        texts.append(tokenizer.decode(ids))
-    return texts
 
 
 def policy_forward(model, items, prompt_ids, rollouts, image_id, pad_id, encoder: ImageEncoder | None = None):
@@ -125,36 +83,6 @@ def policy_forward(model, items, prompt_ids, rollouts, image_id, pad_id, encoder
     # position lens - 1 + t (the last prompt token, then the completion) predicts completion token t
     index = torch.tensor(lens, device=device)[:, None] - 1 + torch.arange(N, device=device)[None, :]
     return hidden.gather(1, index[..., None].expand(R, N, hidden.shape[-1]))
-
-
-@torch.no_grad()
-def evaluate_auto(model, tokenizer, tokens: ModeTokens, items: list[Item], encoder: ImageEncoder,
-                  max_new_tokens: int, temperature: float = 1.0, seed: int = 0):
-    """Auto-mode rollouts on held-out items: accuracy and think rate on easy and hard items.
-
-    Sampled (``temperature``, the same seed at every evaluation) rather than greedy, so that the think rate measures
-    how likely the policy is to think, not only which way its most likely token goes.
-    """
-    was_training = model.training
-    model.eval()
-    prompt_ids = [tokenizer(prompt_text(it, encoder.count(model, it)), add_special_tokens=False)["input_ids"]
-                  for it in items]  # fmt: skip
-    rollouts = generate_rollouts(
-        model, prompt_ids, [[Mode.AUTO]] * len(items), think_open_ids=tokens.think_open, no_think_ids=tokens.no_think,
-        think_close_ids=tokens.think_close, auto_ids=tokens.auto, eos_id=tokens.eos, pad_id=tokens.pad,
-        max_new_tokens=max_new_tokens, temperature=temperature,
-        generator=torch.Generator().manual_seed(seed + 123_457),  # not any training step's generator
-        prompt_embeds=prompt_embeddings(model, prompt_ids, items, tokens.image, encoder),
-    )  # fmt: skip
-    model.train(was_training)
-    texts = completion_texts(tokenizer, rollouts)
-    metrics = {}
-    for hard, name in ((False, "easy"), (True, "hard"), (None, "all")):  # "all": rows of unknown difficulty
-        rows = [(t, it) for t, it in zip(texts, items) if it.hard is hard]
-        if rows:
-            metrics[f"eval/acc_auto_{name}"] = sum(accuracy_reward(t, it.answer) for t, it in rows) / len(rows)
-            metrics[f"eval/think_rate_{name}"] = sum(thought(t) for t, _ in rows) / len(rows)
-    return metrics
 
 
 def parse_args(argv):
@@ -279,17 +207,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.algo}: {args.steps} steps x {args.prompts} prompts x {group} rollouts, model {args.model}, "
               f"{world} process(es), {device}, {precision}")
 
-    def evaluate(step):  # every rank syncs the replica (a collective); rank 0 evaluates it
+    def evaluate_policy():  # every rank syncs the replica (a collective); rank 0 evaluates it
         if world > 1:
             sync_weights(rollout_model, model)
         if rank != 0:
             return {}
+        # auto mode, sampled at the training temperature with the same seed each time: the think rate measures how
+        # likely the policy is to think, not only which way its most likely token goes
         with autocast(device, precision):
-            return evaluate_auto(rollout_model, tokenizer, tokens, eval_items, encoder, args.max_new_tokens,
-                                 args.temperature, args.seed)  # fmt: skip
+            return evaluate(rollout_model, tokenizer, eval_items, encoder, modes=(Mode.AUTO,),
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
 
     if start_step == 0 and eval_items:
-        before = evaluate(0)
+        before = evaluate_policy()
         if rank == 0:
             logger.log(0, before)
             print("before: " + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in sorted(before.items())))
@@ -398,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             if count:
                 record[key] = total / count
         if eval_items and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            record.update(evaluate(step + 1))
+            record.update(evaluate_policy())
         if logger is not None:
             logger.log(step + 1, record)
         if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
