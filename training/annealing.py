@@ -27,11 +27,10 @@ from r4b_fast.training.common import (
     MetricsLogger,
     add_device_arguments,
     autocast,
+    device_from_arguments,
     init_distributed,
     load_checkpoint,
     load_model,
-    resolve_device,
-    resolve_precision,
     save_checkpoint,
     set_seed,
     shard_model,
@@ -145,11 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.dataset is not None and not args.dataset.exists():
         parser.error(f"--dataset: {args.dataset} does not exist")
-    try:
-        device = resolve_device(args.device)
-        precision = resolve_precision(args.precision, device)
-    except ValueError as err:
-        parser.error(str(err))
+    device, precision = device_from_arguments(parser, args)
 
     set_seed(args.seed)
     rank, world = init_distributed(device)

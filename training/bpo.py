@@ -34,11 +34,10 @@ from r4b_fast.training.common import (
     MetricsLogger,
     add_device_arguments,
     autocast,
+    device_from_arguments,
     init_distributed,
     load_checkpoint,
     load_model,
-    resolve_device,
-    resolve_precision,
     save_checkpoint,
     set_seed,
     shard_model,
@@ -135,11 +134,7 @@ def parse_args(argv):
     hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))  # "org/model": from_pretrained fetches it
     if not args.model.exists() and not hub_id:
         p.error(f"--model: {args.model} does not exist (run `python -m r4b_fast.training.annealing` to make one)")
-    try:
-        args.device = resolve_device(args.device)
-        args.precision = resolve_precision(args.precision, args.device)
-    except ValueError as err:
-        p.error(str(err))
+    args.device, args.precision = device_from_arguments(p, args)
     return args
 
 
@@ -309,13 +304,15 @@ def main(argv: list[str] | None = None) -> int:
         # per-mode means from sums and counts, so that they are exact over ranks too
         finite = torch.isfinite(rewards)
         totals = {"reward/all": (rewards[finite].sum(), finite.sum())}
+        row_hard = [items[p].hard for p in rollouts.prompt_index.tolist()]
+        levels = {level: torch.tensor([h is hard for h in row_hard], device=device)  # rows of known difficulty only
+                  for hard, level in ((True, "hard"), (False, "easy"))}  # fmt: skip
         for mode in (Mode.THINK, Mode.NO_THINK):
             sel = modes == int(mode)
             name = mode.name.lower()
             totals[f"reward/{name}"] = (rewards[sel & finite].sum(), (sel & finite).sum())
             totals[f"length/{name}"] = (lengths[sel].sum(), sel.sum())
-            for hard, level in ((True, "hard"), (False, "easy")):  # rows of known difficulty only
-                on = torch.tensor([items[p].hard is hard for p in rollouts.prompt_index.tolist()], device=device)
+            for level, on in levels.items():
                 totals[f"reward/{name}_{level}"] = (rewards[sel & on & finite].sum(), (sel & on & finite).sum())
         sums = torch.stack([torch.stack([a.double(), b.double()]) for a, b in totals.values()])
         record["zero_signal_groups"] = int(adv.zero_signal_groups)

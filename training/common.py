@@ -136,7 +136,7 @@ def load_checkpoint(directory: Path, module, optimizer, scheduler) -> dict:
 
     # under torchrun rank 0 reads the tensors and broadcasts them shard by shard: one full copy in host memory
     sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    reader = not sharded or dist.get_rank() == 0
+    reader = _rank() == 0
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
     weights = {"model." + k: v for k, v in load_file(str(directory / "model.safetensors")).items()} if reader else {}
     set_model_state_dict(module, weights, options=options)
@@ -192,6 +192,16 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def device_from_arguments(parser, args) -> tuple[torch.device, str]:
+    """``(device, precision)`` from the arguments :func:`add_device_arguments` added; bad values end the run with
+    the parser's usage error."""
+    try:
+        device = resolve_device(args.device)
+        return device, resolve_precision(args.precision, device)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def add_device_arguments(parser) -> None:
@@ -263,12 +273,6 @@ def shard_model(model, loss_fn, device: torch.device | None = None) -> LossModul
     root = LossModule(model, loss_fn)
     fully_shard(root, mesh=mesh)
     return root
-
-
-def full_state_dict(model) -> dict:
-    """The unsharded state dict (every rank must call it; ``{}`` for plain tensors is never returned)."""
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
-
 
 
 @torch.no_grad()
