@@ -8,6 +8,7 @@ asked for by name.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -19,6 +20,15 @@ ENV_BACKEND = "R4B_FAST_BACKEND"
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here; the message says why."""
+
+
+def device_guard(tensor: torch.Tensor):
+    """Context for a kernel launch on ``tensor``'s device: ``torch.cuda.device(tensor.device)`` for a CUDA tensor
+    (Triton and our CUDA launchers launch on the *current* device and stream; a tensor on ``cuda:1`` while the
+    current device is 0 would otherwise be launched on GPU 0), a no-op elsewhere (CPU, the interpreter, meta)."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
 
 
 def triton_interpret_enabled() -> bool:
