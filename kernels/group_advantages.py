@@ -3,33 +3,52 @@
 Pass 1: count, sum, min, max and per-mode count/sum of the finite rewards; pass 2: sum of squared deviations
 from the group mean (two-pass variance, no cancellation at 1e6 + noise); pass 3: write the advantages.
 Ragged groups arrive as a stable permutation sorted by group plus segment offsets; fixed groups as
-``group_size`` with no permutation. No atomics, so the result is deterministic.
+``group_size`` with no permutation. No atomics, so the result is deterministic. All offsets are int64.
+
+Only the flags that change the loop body are constexpr (ragged layout, modes, block size): the estimator
+(RLOO factor), the scaling and Bessel's correction are per-group scalars, so the launcher produces 2 x 2 x 3
+kernel variants, not hundreds.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-NUM_MODES = 3  # r4b_fast.modes.NUM_MODES; the kernel unrolls over the modes
-STATS = 4 + 2 * NUM_MODES
+# constexpr globals: the compiler rejects plain Python globals inside @triton.jit code (the interpreter accepts
+# them), and Triton 3.9 rejects the annotated form ``NAME: tl.constexpr = value`` too: instantiate tl.constexpr
+NUM_MODES = tl.constexpr(3)  # r4b_fast.modes.NUM_MODES; the kernel unrolls over the modes
+STATS = tl.constexpr(4 + 2 * 3)  # count, mean, std, zero_signal, count per mode, sum per mode
+
+# (largest group length, BLOCK, num_warps): short groups take one warp, long ones a wider block (~4 fp64 per
+# thread, so the ten pass-1 accumulators stay in registers)
+BLOCK_CLASSES = ((32, 32, 1), (256, 256, 2), (None, 1024, 8))
 
 
 @triton.jit
+def _segment_bounds(g, offsets_ptr, group_size, RAGGED: tl.constexpr):
+    """[start, end) of group ``g`` in int64: ``g * group_size`` exceeds 2^31 at N > 2^31 even when each factor
+    fits in 32 bits."""
+    g64 = g.to(tl.int64)
+    if RAGGED:
+        start = tl.load(offsets_ptr + g64).to(tl.int64)
+        end = tl.load(offsets_ptr + g64 + 1).to(tl.int64)
+    else:
+        start = g64 * group_size
+        end = start + group_size
+    return start, end
+
+
+@triton.jit(do_not_specialize=["rloo", "scale", "unbiased"])  # 0/1 flags: no variant per value
 def _group_advantages_kernel(
     rewards_ptr, modes_ptr, perm_ptr, offsets_ptr, batch_std_ptr, adv_ptr, stats_ptr,
-    group_size, eps,
-    RAGGED: tl.constexpr, HAS_MODES: tl.constexpr, RLOO: tl.constexpr, SCALE: tl.constexpr,
-    UNBIASED: tl.constexpr, BLOCK: tl.constexpr,
+    group_size, eps, rloo, scale, unbiased,
+    RAGGED: tl.constexpr, HAS_MODES: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(0).to(tl.int64)
-    if RAGGED:
-        start = tl.load(offsets_ptr + g)
-        end = tl.load(offsets_ptr + g + 1)
-    else:
-        start = g * group_size
-        end = start + group_size
-    lanes = tl.arange(0, BLOCK)
+    start, end = _segment_bounds(g, offsets_ptr, group_size, RAGGED)
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
     zero = tl.zeros([BLOCK], dtype=rewards_ptr.dtype.element_ty)  # accumulate in the compute dtype
     acc_n = zero
     acc_s = zero
@@ -75,21 +94,12 @@ def _group_advantages_kernel(
         d = tl.where(valid, r - mean, 0.0)
         acc_m2 += d * d
     m2 = tl.sum(acc_m2, axis=0)
-    if UNBIASED:
-        var = m2 / tl.maximum(n - 1, 1.0)
-    else:
-        var = m2 / tl.maximum(n, 1.0)
+    var = m2 / tl.maximum(n - unbiased, 1.0)  # unbiased is 0 or 1: Bessel's correction
     std = tl.where(n > 1, tl.sqrt(var), 0.0)
 
-    factor = std * 0 + 1.0
-    if RLOO:
-        factor = n / tl.maximum(n - 1, 1.0)
-    if SCALE == 0:  # group
-        denom = std + eps
-    elif SCALE == 1:  # batch
-        denom = tl.load(batch_std_ptr) + eps
-    else:
-        denom = std * 0 + 1.0
+    factor = tl.where(rloo != 0, n / tl.maximum(n - 1, 1.0), 1.0)  # RLOO: r - mean(others) = n/(n-1) (r - mean)
+    bstd = tl.load(batch_std_ptr, mask=scale == 1, other=0.0)  # the pointer is a dummy unless scale == 1
+    denom = tl.where(scale == 0, std + eps, tl.where(scale == 1, bstd + eps, 1.0))
     for off in range(start, end, BLOCK):
         pos = off + lanes
         inside = pos < end
@@ -114,19 +124,59 @@ def _group_advantages_kernel(
         tl.store(row + 9, tl.sum(s2, axis=0))
 
 
+def block_config(max_group_len: int) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` for groups of at most ``max_group_len`` rollouts (host int, known before launch)."""
+    for limit, block, warps in BLOCK_CLASSES:
+        if limit is None or max_group_len <= limit:
+            return block, warps
+    raise AssertionError("unreachable")
+
+
 def launch_group_advantages(r, modes, layout, num_groups, rloo, scale_code, unbiased, eps, bstd, adv, stats):
     """Launch one program per group. ``r`` is contiguous float32/float64; ``modes`` int32 or None; ``layout`` has
-    ``perm``/``offsets`` (ragged) or None (fixed ``max_group_len``-sized groups); ``bstd`` a 1-element tensor for
-    ``scale_code == 1`` (batch). Writes ``adv [N]`` and ``stats [G, 10]``."""
-    block = triton.next_power_of_2(max(2, min(int(layout.max_group_len), 1024)))
-    dummy = r  # never read: the constexpr flags switch the loads off
+    ``perm``/``offsets`` (ragged) or None (fixed ``max_group_len``-sized groups) and ``max_group_len`` (a host int);
+    ``bstd`` a 1-element tensor for ``scale_code == 1`` (batch). Writes ``adv [N]`` and ``stats [G, 10]``.
+    No data-dependent host work: works on meta tensors (the ahead-of-time compile check)."""
+    from r4b_fast.backends import device_guard
+
+    block, warps = block_config(int(layout.max_group_len))
+    dummy = r  # never read: the constexpr flags (and the masked batch-std load) switch the loads off
     ragged = layout.perm is not None
-    _group_advantages_kernel[(num_groups,)](
-        r, modes if modes is not None else dummy, layout.perm if ragged else dummy,
-        layout.offsets if ragged else dummy, bstd if bstd is not None else dummy, adv, stats,
-        0 if ragged else int(layout.max_group_len), float(eps),
-        RAGGED=ragged, HAS_MODES=modes is not None, RLOO=bool(rloo), SCALE=int(scale_code),
-        UNBIASED=bool(unbiased), BLOCK=block, num_warps=1 if block <= 256 else 4,
-    )  # fmt: skip
+    with device_guard(r):
+        _group_advantages_kernel[(num_groups,)](
+            r, modes if modes is not None else dummy, layout.perm if ragged else dummy,
+            layout.offsets if ragged else dummy, bstd if bstd is not None else dummy, adv, stats,
+            0 if ragged else int(layout.max_group_len), float(eps), int(bool(rloo)), int(scale_code),
+            int(bool(unbiased)),
+            RAGGED=ragged, HAS_MODES=modes is not None, BLOCK=block, num_warps=warps,
+        )  # fmt: skip
     return adv, stats
 
+
+def aot_scenarios():
+    """Every variant the launcher produces at the GPU shapes of issue #10 (N = 262144 rewards in float64, the
+    compute dtype; fixed groups of 16 = BPO's 2g, fixed groups of 4096, ragged groups of up to 20 / 200 / 4096),
+    launched on meta tensors for the ahead-of-time compile check."""
+    from r4b_fast.ops.group_advantages import NUM_STATS, _SegmentLayout
+
+    n = 262144
+    meta = dict(device="meta")
+    r = torch.empty(n, dtype=torch.float64, **meta)
+    adv = torch.empty_like(r)
+    bstd = torch.empty(1, dtype=torch.float64, **meta)
+    modes32 = torch.empty(n, dtype=torch.int32, **meta)
+    for ragged in (False, True):
+        for max_len in (16, 200, 4096):  # one per block class
+            if ragged:
+                num_groups = n // max(1, max_len // 2)  # ragged: mean length about half the longest
+                layout = _SegmentLayout(torch.empty(n, dtype=torch.int64, **meta),
+                                        torch.empty(num_groups + 1, dtype=torch.int64, **meta), max_len)
+            else:
+                num_groups = n // max_len
+                layout = _SegmentLayout(None, None, max_len)
+            stats = torch.empty(num_groups, NUM_STATS, dtype=torch.float64, **meta)
+            for modes in (None, modes32):
+                # runtime scalars, one launch each for the record: grpo/group, rloo/none, drgrpo/batch
+                for rloo, scale_code in ((False, 0), (True, 2), (False, 1)):
+                    launch_group_advantages(r, modes, layout, num_groups, rloo, scale_code, True, 1e-6,
+                                            bstd if scale_code == 1 else None, adv, stats)

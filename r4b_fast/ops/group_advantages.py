@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from r4b_fast.backends import resolve_backend
+from r4b_fast.backends import device_guard, resolve_backend
 from r4b_fast.modes import NUM_MODES, Mode
 
 ESTIMATORS = ("grpo", "bpo", "drgrpo", "rloo")
@@ -265,13 +265,14 @@ def _launch_group_advantages_cuda(r, modes, layout, num_groups, rloo, scale_code
     def ptr(t):
         return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
 
-    stream = torch.cuda.current_stream(r.device).cuda_stream
-    err = fn(
-        ptr(r), ptr(modes), ptr(layout.perm), ptr(layout.offsets),
-        ctypes.c_int64(num_groups), ctypes.c_int64(layout.max_group_len if layout.perm is None else 0),
-        ctypes.c_int(int(rloo)), ctypes.c_int(scale_code), ctypes.c_int(int(unbiased)), ctypes.c_double(eps),
-        ptr(bstd), ptr(adv), ptr(stats), ctypes.c_void_p(stream),
-    )  # fmt: skip
+    with device_guard(r):  # the kernel launches on the current device: make it r's
+        stream = torch.cuda.current_stream(r.device).cuda_stream
+        err = fn(
+            ptr(r), ptr(modes), ptr(layout.perm), ptr(layout.offsets),
+            ctypes.c_int64(num_groups), ctypes.c_int64(layout.max_group_len if layout.perm is None else 0),
+            ctypes.c_int(int(rloo)), ctypes.c_int(scale_code), ctypes.c_int(int(unbiased)), ctypes.c_double(eps),
+            ptr(bstd), ptr(adv), ptr(stats), ctypes.c_void_p(stream),
+        )  # fmt: skip
     if err != 0:
         lib.r4b_cuda_error_string.restype = ctypes.c_char_p
         raise RuntimeError(f"group_advantages cuda kernel failed: {lib.r4b_cuda_error_string(err).decode()}")
