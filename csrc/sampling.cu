@@ -1,8 +1,12 @@
 // Sort-free sampling (temperature / top-k / top-p / min-p), one thread block per row.
-// Same contract and algorithm as kernels/sampling.py: e = exp(x - max x) with x = logits / T; (1) max and
-// log-sum-exp, (2) top-k threshold t_k = largest t with count(e >= t) >= k, (3) top-p threshold t_p = largest t with
-// sum(e; e >= t, e >= t_k) >= top_p * mass_k, both by a 16-pivot search on the float32 bit pattern of t (8 passes,
-// exact), (4) inverse CDF in vocabulary order with the row's uniform (block scan, stops at the hit).
+// Same contract and algorithm as kernels/sampling.py: e = exp((l - M) * inv) with M = max l, inv = 1 / T;
+// (1) max, its first index and log sum e, (2) top-k threshold t_k = largest t with count(e >= t) >= k, (3) top-p
+// threshold t_p = largest t with sum(e; e >= t, e >= t_k) >= top_p * mass_k, both by a 16-pivot search on the float32
+// bit pattern of t (8 passes, exact), (4) inverse CDF in vocabulary order with the row's uniform (block scan, stops at
+// the hit).
+// (l - M) * inv, with __fsub_rn / __fmul_rn, never l * inv - M * inv: nvcc contracts the latter into an FMA, then the
+// argmax's e is not exactly 1 and min_p = 1 keeps nothing. A row with nothing to sample (no finite logit; NaN counts
+// as -inf; only with check_values=False) returns the first index of its max (0 if all -inf) and a NaN log-prob.
 // C ABI for ctypes (r4b_fast/_cuda_build.py); returns a cudaError_t.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -18,6 +22,8 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kPivots = 16;
 constexpr int kSteps = 8;  // ceil(30 / log2(kPivots)): bit patterns of [0, 1] span < 2^30
 constexpr int32_t kOneBits = 0x3F800000;
+constexpr float kFltMax = 3.402823466e38f;   // inv clamped finite: 0 * inv stays 0
+constexpr float kFltMin = 1.175494351e-38f;  // and nonzero: -inf * inv stays -inf
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -93,8 +99,14 @@ __device__ void block_sum_array(float (&v)[kPivots], float* smem /* kWarps * kPi
 }
 
 template <typename T>
+__device__ __forceinline__ float load_x(const T* base, int64_t i) {
+  const float x = to_float(base[i]);
+  return isnan(x) ? -INFINITY : x;  // NaN (unchecked input) acts as a masked token
+}
+// Rounded sub then mul, never contracted: exactly exp(0) == 1 at the max in every pass (min_p = 1, greedy).
+template <typename T>
 __device__ __forceinline__ float row_e(const T* base, int64_t i, float inv, float m) {
-  return expf(to_float(base[i]) * inv - m);  // accurate: exp(0) == 1 exactly at the max (greedy relies on it)
+  return expf(__fmul_rn(__fsub_rn(load_x(base, i), m), inv));
 }
 
 // Largest t in [0, 1] with count(e >= t) >= need (mass = false) or sum(e; e >= t, e >= floor) >= need (mass = true).
@@ -138,45 +150,57 @@ __global__ void __launch_bounds__(kThreads)
     sample_kernel(const T* __restrict__ logits, int64_t stride, int64_t V, const float* __restrict__ temperature,
                   const int64_t* __restrict__ top_k, const float* __restrict__ top_p, const float* __restrict__ min_p,
                   const float* __restrict__ uniforms, int64_t* __restrict__ tokens, float* __restrict__ logprobs,
-                  float* __restrict__ lse_out) {
+                  float* __restrict__ row_max, float* __restrict__ log_z) {
   __shared__ float smem[kWarps * kPivots];
   __shared__ long long smem_ll[kWarps];
   using BlockScan = cub::BlockScan<float, kThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
 
   const int64_t row = blockIdx.x;
-  const T* base = logits + row * stride;
+  const T* base = logits + row * stride;  // int64: B * V above 2^31 elements
   const float temp = temperature[row];
-  const bool greedy = temp == 0.f;
-  const float inv = 1.f / (greedy ? 1.f : temp);
+  const bool greedy = !(temp > 0.f);  // 0 (and, unchecked, negative or NaN): the first maximum
+  const float inv = fminf(fmaxf(1.f / (greedy ? 1.f : temp), kFltMin), kFltMax);
   const int64_t k = top_k[row];
   const float P = top_p[row];
+  float mp = min_p[row];
+  mp = mp > 0.f ? fminf(mp, 1.f) : 0.f;  // unchecked NaN: off; > 1: the max only
 
   float m = -INFINITY;
-  for (int64_t i = threadIdx.x; i < V; i += kThreads) m = fmaxf(m, to_float(base[i]) * inv);
-  m = block_max(m, smem);
+  long long arg = V;  // first index of this thread's max
+  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+    const float x = load_x(base, i);
+    if (x > m) {
+      m = x;
+      arg = i;
+    }
+  }
+  const float M = block_max(m, smem);
+  long long first_max = block_min_ll(m == M ? arg : static_cast<long long>(V), smem_ll);
+  if (first_max >= V) first_max = 0;  // every logit -inf
   float s = 0.f;
-  for (int64_t i = threadIdx.x; i < V; i += kThreads) s += row_e(base, i, inv, m);
-  const float lse = m + logf(block_sum(s, smem));
+  for (int64_t i = threadIdx.x; i < V; i += kThreads) s += row_e(base, i, inv, M);
+  const float logz = logf(block_sum(s, smem));
 
   float t_k = 0.f;
-  if (k > 0 && k < V) t_k = threshold_search(base, V, inv, m, 0.f, static_cast<float>(k), false, smem);
+  if (k > 0 && k < V) t_k = threshold_search(base, V, inv, M, 0.f, static_cast<float>(k), false, smem);
   float t_p = 0.f;
   if (P < 1.f) {
     float mk = 0.f;
     for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-      const float e = row_e(base, i, inv, m);
+      const float e = row_e(base, i, inv, M);
       mk += e >= t_k ? e : 0.f;
     }
     mk = block_sum(mk, smem);
-    t_p = threshold_search(base, V, inv, m, t_k, P * mk, true, smem);
+    t_p = threshold_search(base, V, inv, M, t_k, P * mk, true, smem);
   }
-  float thr = fmaxf(fmaxf(t_k, t_p), min_p[row]);
-  if (greedy) thr = 1.f;  // e == 1 exactly at the max: the first maximum
+  // e == 1 exactly at the max: a threshold <= 1 always keeps the argmax; greedy takes its first occurrence
+  float thr = fminf(fmaxf(fmaxf(t_k, t_p), mp), 1.f);
+  if (greedy) thr = 1.f;
 
   float wsum = 0.f;
   for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-    const float e = row_e(base, i, inv, m);
+    const float e = row_e(base, i, inv, M);
     wsum += e >= thr ? e : 0.f;
   }
   wsum = block_sum(wsum, smem);
@@ -187,7 +211,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t i = off + threadIdx.x;
     float w = 0.f;
     if (i < V) {
-      const float e = row_e(base, i, inv, m);
+      const float e = row_e(base, i, inv, M);
       w = e >= thr ? e : 0.f;
     }
     float c;
@@ -205,23 +229,26 @@ __global__ void __launch_bounds__(kThreads)
     if (found < V) break;  // block-uniform: every thread saw the same reduction
   }
   if (threadIdx.x == 0) {
-    const long long tok = found < V ? found : last;
+    long long tok = found < V ? found : last;  // rounding: the target may exceed the last partial sum
+    if (tok < 0) tok = first_max;              // nothing kept (no finite logit): never an index below 0
     tokens[row] = tok;
-    logprobs[row] = to_float(base[tok]) * inv - lse;
-    lse_out[row] = lse;
+    const bool finite = M > -INFINITY && M < INFINITY;
+    logprobs[row] = finite ? __fmul_rn(__fsub_rn(load_x(base, tok), M), inv) - logz : NAN;
+    row_max[row] = M;
+    log_z[row] = logz;
   }
 }
 
 template <typename T>
 int launch(const void* logits, int64_t rows, int64_t V, int64_t stride, const void* temperature, const void* top_k,
-           const void* top_p, const void* min_p, const void* uniforms, void* tokens, void* logprobs, void* lse,
-           void* stream) {
+           const void* top_p, const void* min_p, const void* uniforms, void* tokens, void* logprobs, void* row_max,
+           void* log_z, void* stream) {
   if (rows <= 0) return 0;
   sample_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       static_cast<const T*>(logits), stride, V, static_cast<const float*>(temperature),
       static_cast<const int64_t*>(top_k), static_cast<const float*>(top_p), static_cast<const float*>(min_p),
       static_cast<const float*>(uniforms), static_cast<int64_t*>(tokens), static_cast<float*>(logprobs),
-      static_cast<float*>(lse));
+      static_cast<float*>(row_max), static_cast<float*>(log_z));
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -230,20 +257,21 @@ int launch(const void* logits, int64_t rows, int64_t V, int64_t stride, const vo
 extern "C" {
 
 // logits [rows, V] (row stride `stride` elements) of dtype 0 float32, 1 bfloat16, 2 float16; per-row temperature,
-// top_p, min_p, uniforms float32, top_k int64; outputs tokens int64, logprobs float32, lse float32.
+// top_p, min_p, uniforms float32, top_k int64; outputs tokens int64, logprobs float32, row_max float32 (max logit),
+// log_z float32 (log sum exp((l - row_max) / T)).
 int r4b_sample(const void* logits, int dtype, int64_t rows, int64_t V, int64_t stride, const void* temperature,
                const void* top_k, const void* top_p, const void* min_p, const void* uniforms, void* tokens,
-               void* logprobs, void* lse, void* stream) {
+               void* logprobs, void* row_max, void* log_z, void* stream) {
   switch (dtype) {
     case 0:
-      return launch<float>(logits, rows, V, stride, temperature, top_k, top_p, min_p, uniforms, tokens, logprobs, lse,
-                           stream);
+      return launch<float>(logits, rows, V, stride, temperature, top_k, top_p, min_p, uniforms, tokens, logprobs,
+                           row_max, log_z, stream);
     case 1:
       return launch<__nv_bfloat16>(logits, rows, V, stride, temperature, top_k, top_p, min_p, uniforms, tokens,
-                                   logprobs, lse, stream);
+                                   logprobs, row_max, log_z, stream);
     case 2:
       return launch<__half>(logits, rows, V, stride, temperature, top_k, top_p, min_p, uniforms, tokens, logprobs,
-                            lse, stream);
+                            row_max, log_z, stream);
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }

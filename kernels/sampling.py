@@ -1,12 +1,20 @@
 """Triton sampling kernel (temperature / top-k / top-p / min-p) without sorting: one program per row.
 
-Passes over the row, in blocks of ``BLOCK`` tokens, all in fp32 on ``e = exp(x - max x)`` (``x = logits / T``):
-1-2. the row max and ``Z = sum e`` (online, one pass), 3. top-k: the largest threshold ``t`` with
-``count(e >= t) >= k``,
+Passes over the row, in blocks of ``BLOCK`` tokens, all in fp32 on ``e = exp((l - M) * inv)`` (``l`` the logits,
+``M = max l``, ``inv = 1 / T``): 1-2. the row max, its first index and ``Z = sum e`` (online, one pass),
+3. top-k: the largest threshold ``t`` with ``count(e >= t) >= k``,
 4. top-p: the largest ``t`` with ``sum(e >= t, e >= t_k) >= top_p * mass_k``; both by a 16-pivot search on the
 float32 bit pattern of ``t`` (8 passes narrow [0, 1] to one float: exact, no sort; flashinfer's dual-pivot idea with
 more pivots per pass), skipped when the filter is off, 5. an inverse-CDF scan in vocabulary order with the row's
 uniform. Same contract as ``r4b_fast.ops.sampling._sample_torch``.
+
+Why ``(l - M) * inv`` and not ``l * inv - max(l * inv)``: the compiler contracts the latter into one FMA, so the
+argmax's ``e`` was not exactly 1 and ``min_p = 1`` kept nothing. A subtraction followed by a product cannot be
+contracted: ``e == 1`` exactly at the max, in every pass, and any ``T > 0`` works (no ``l / T`` overflow).
+
+Rows with nothing to sample (no finite logit; NaN logits count as ``-inf``; possible only with
+``check_values=False``) return the first index of the row's maximum (0 when every logit is ``-inf``/NaN) and a NaN
+log-prob: never an index outside ``[0, V)``.
 """
 
 from __future__ import annotations
@@ -15,20 +23,31 @@ import torch
 import triton
 import triton.language as tl
 
-_ONE_BITS = tl.constexpr(0x3F800000)  # bits of 1.0f
+from r4b_fast.backends import device_guard
+
+_ONE_BITS: tl.constexpr = 0x3F800000  # bits of 1.0f
+_FLT_MAX: tl.constexpr = 3.4028234663852886e38  # inv = 1 / T clamped to finite: 0 * inv stays 0
+_FLT_MIN: tl.constexpr = 1.1754943508222875e-38  # and nonzero: -inf * inv stays -inf (T = +inf unchecked)
 NPIV = 16  # pivots per pass of the threshold search
 STEPS = 8  # ceil(30 / log2(NPIV)): probability bit patterns in [0, 1] span < 2^30
+MAX_BLOCK = 1024
 
 
 @triton.jit
-def _row_e(base, idx, V, inv, m):
-    """``e = exp(x - m)`` of one block of the row (0 outside the row)."""
-    x = tl.load(base + idx, mask=idx < V, other=-float("inf")).to(tl.float32) * inv
-    return tl.where(idx < V, tl.exp(x - m), 0.0)
+def _load_x(base, idx, V):
+    """One block of logits in fp32; NaN (only with check_values=False) and out-of-row lanes read as -inf."""
+    x = tl.load(base + idx, mask=idx < V, other=-float("inf")).to(tl.float32)
+    return tl.where(x == x, x, -float("inf"))
 
 
 @triton.jit
-def _threshold_search(base, V, inv, m, t_floor, need, MASS: tl.constexpr, BLOCK: tl.constexpr,
+def _row_e(base, idx, V, inv, M):
+    """``e = exp((l - M) * inv)`` of one block of the row (0 outside the row): exactly 1 at the max."""
+    return tl.where(idx < V, tl.exp((_load_x(base, idx, V) - M) * inv), 0.0)
+
+
+@triton.jit
+def _threshold_search(base, V, inv, M, t_floor, need, MASS: tl.constexpr, BLOCK: tl.constexpr,
                       NPIV: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
     """Largest float32 ``t`` in [0, 1] with ``count(e >= t) >= need`` (MASS=False) or ``sum(e; e >= t, e >= t_floor)
     >= need`` (MASS=True). Multi-pivot bisection on the bit pattern: each pass over the row tests NPIV - 1 pivots
@@ -42,7 +61,7 @@ def _threshold_search(base, V, inv, m, t_floor, need, MASS: tl.constexpr, BLOCK:
         tpiv = piv.to(tl.int32).to(tl.float32, bitcast=True)
         acc = tl.zeros([NPIV], tl.float32)
         for off in range(0, V, BLOCK):
-            e = _row_e(base, off + lanes, V, inv, m)
+            e = _row_e(base, off + lanes, V, inv, M)
             hit = (e[:, None] >= tpiv[None, :]) & (e[:, None] > 0)
             if MASS:
                 acc += tl.sum(tl.where(hit & (e[:, None] >= t_floor), e[:, None], 0.0), axis=0)
@@ -56,50 +75,55 @@ def _threshold_search(base, V, inv, m, t_floor, need, MASS: tl.constexpr, BLOCK:
 
 @triton.jit
 def _sample_kernel(
-    logits_ptr, temp_ptr, topk_ptr, topp_ptr, minp_ptr, u_ptr, tok_ptr, lp_ptr, lse_ptr,
+    logits_ptr, temp_ptr, topk_ptr, topp_ptr, minp_ptr, u_ptr, tok_ptr, lp_ptr, max_ptr, logz_ptr,
     V, stride, BLOCK: tl.constexpr, NPIV: tl.constexpr, STEPS: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * stride
+    base = logits_ptr + row * stride  # int64: B * V above 2^31 elements
     T = tl.load(temp_ptr + row)
-    greedy = T == 0
-    inv = 1.0 / tl.where(greedy, 1.0, T)
+    greedy = ~(T > 0)  # 0 (and, unchecked, negative or NaN): the first maximum
+    inv = tl.minimum(tl.maximum(1.0 / tl.where(greedy, 1.0, T), _FLT_MIN), _FLT_MAX)
     k = tl.load(topk_ptr + row)
     P = tl.load(topp_ptr + row)
     mp = tl.load(minp_ptr + row)
+    mp = tl.where(mp > 0, tl.minimum(mp, 1.0), 0.0)  # unchecked NaN: off; > 1: the max only
     u = tl.load(u_ptr + row)
     lanes = tl.arange(0, BLOCK)
 
-    # pass 1: online max and sum of exp, per lane, then combined
+    # pass 1: online max (and its first index) and sum of exp, per lane, then combined
     mvec = tl.full([BLOCK], -float("inf"), tl.float32)
+    ivec = tl.zeros([BLOCK], tl.int64) + V
     svec = tl.zeros([BLOCK], tl.float32)
     for off in range(0, V, BLOCK):
         idx = off + lanes
-        x = tl.load(base + idx, mask=idx < V, other=-float("inf")).to(tl.float32) * inv
+        x = _load_x(base, idx, V)
+        ivec = tl.where(x > mvec, idx.to(tl.int64), ivec)  # strict: the first index of the lane's max
         m_new = tl.maximum(mvec, x)
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # no -inf - -inf: exp(-inf - 0) = 0 instead
-        svec = svec * tl.exp(mvec - m_safe) + tl.exp(x - m_safe)
+        svec = svec * tl.exp((mvec - m_safe) * inv) + tl.exp((x - m_safe) * inv)
         mvec = m_new
-    m = tl.max(mvec, axis=0)
-    Z = tl.sum(svec * tl.exp(mvec - m), axis=0)
-    lse = m + tl.log(Z)
+    M = tl.max(mvec, axis=0)
+    first_max = tl.min(tl.where(mvec == M, ivec, V), axis=0)
+    first_max = tl.where(first_max < V, first_max, 0)  # every logit -inf
+    logz = tl.log(tl.sum(svec * tl.exp((mvec - M) * inv), axis=0))
 
     t_k = tl.zeros([], tl.float32)
     if (k > 0) & (k < V):
-        t_k = _threshold_search(base, V, inv, m, 0.0, k.to(tl.float32), False, BLOCK, NPIV, STEPS)
+        t_k = _threshold_search(base, V, inv, M, 0.0, k.to(tl.float32), False, BLOCK, NPIV, STEPS)
     t_p = tl.zeros([], tl.float32)
     if P < 1.0:
         kvec = tl.zeros([BLOCK], tl.float32)
         for off in range(0, V, BLOCK):
-            e = _row_e(base, off + lanes, V, inv, m)
+            e = _row_e(base, off + lanes, V, inv, M)
             kvec += tl.where(e >= t_k, e, 0.0)
-        t_p = _threshold_search(base, V, inv, m, t_k, P * tl.sum(kvec, axis=0), True, BLOCK, NPIV, STEPS)
-    thr = tl.maximum(tl.maximum(t_k, t_p), mp)
-    thr = tl.where(greedy, 1.0, thr)  # e == 1 exactly at the max: greedy takes the first maximum
+        t_p = _threshold_search(base, V, inv, M, t_k, P * tl.sum(kvec, axis=0), True, BLOCK, NPIV, STEPS)
+    # e == 1 exactly at the max: a threshold <= 1 always keeps the argmax; greedy takes its first occurrence
+    thr = tl.minimum(tl.maximum(tl.maximum(t_k, t_p), mp), 1.0)
+    thr = tl.where(greedy, 1.0, thr)
 
     wvec = tl.zeros([BLOCK], tl.float32)
     for off in range(0, V, BLOCK):
-        e = _row_e(base, off + lanes, V, inv, m)
+        e = _row_e(base, off + lanes, V, inv, M)
         wvec += tl.where(e >= thr, e, 0.0)
     target = tl.where(greedy, 0.0, u * tl.sum(wvec, axis=0))
     running = tl.zeros([], tl.float32)
@@ -107,7 +131,7 @@ def _sample_kernel(
     last = tl.zeros([], tl.int64) - 1
     for off in range(0, V, BLOCK):
         idx = off + lanes
-        e = _row_e(base, idx, V, inv, m)
+        e = _row_e(base, idx, V, inv, M)
         w = tl.where(e >= thr, e, 0.0)
         c = tl.cumsum(w, axis=0) + running
         hit = (c > target) & (w > 0)
@@ -115,23 +139,47 @@ def _sample_kernel(
         last = tl.maximum(last, tl.max(tl.where(w > 0, idx.to(tl.int64), -1), axis=0))
         running += tl.sum(w, axis=0)
     tok = tl.where(found < V, found, last)  # rounding: the target may exceed the last partial sum
-    x_tok = tl.load(base + tok).to(tl.float32) * inv
+    tok = tl.where(tok >= 0, tok, first_max)  # nothing kept (no finite logit): never an index below 0
+    x_tok = _load_x(base, tok, V)
+    finite = (M > -float("inf")) & (M < float("inf"))
     tl.store(tok_ptr + row, tok)
-    tl.store(lp_ptr + row, x_tok - lse)
-    tl.store(lse_ptr + row, lse)
+    tl.store(lp_ptr + row, tl.where(finite, (x_tok - M) * inv - logz, float("nan")))
+    tl.store(max_ptr + row, M)
+    tl.store(logz_ptr + row, logz)
+
+
+def block_size(V: int) -> int:
+    """Tokens per block of the row loops: the row rounded up to a power of two, at most ``MAX_BLOCK``."""
+    return triton.next_power_of_2(min(max(V, 16), MAX_BLOCK))
 
 
 def launch_sample(logits, temperature, top_k, top_p, min_p, uniforms):
-    """One program per row. ``logits`` [B, V] contiguous; per-row parameters [B] (float32 / int64); returns
-    ``(tokens [B] int64, logprobs [B] float32, lse [B] float32)``."""
+    """One program per row. ``logits`` [B, V] (unit stride along V) float32/bfloat16/float16/float64; per-row
+    temperature / top_p / min_p / uniforms [B] float, top_k [B] int64. Returns ``(tokens [B] int64, logprobs [B]
+    float32, row_max [B] float32 (max of the logits), log_z [B] float32 (log sum exp((l - row_max) / T)))``.
+    Works on meta tensors (no host reads): the ahead-of-time compile check calls it so."""
     B, V = logits.shape
-    tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(B, dtype=torch.float32, device=logits.device)
-    block = triton.next_power_of_2(min(max(V, 16), 1024))
-    _sample_kernel[(B,)](
-        logits, temperature.float().contiguous(), top_k.contiguous(), top_p.float().contiguous(),
-        min_p.float().contiguous(), uniforms.float().contiguous(), tokens, logprobs, lse, V, logits.stride(0),
-        BLOCK=block, NPIV=NPIV, STEPS=STEPS, num_warps=4 if block <= 512 else 8,
-    )  # fmt: skip
-    return tokens, logprobs, lse
+    dev = logits.device
+    tokens = torch.empty(B, dtype=torch.int64, device=dev)
+    logprobs = torch.empty(B, dtype=torch.float32, device=dev)
+    row_max = torch.empty(B, dtype=torch.float32, device=dev)
+    log_z = torch.empty(B, dtype=torch.float32, device=dev)
+    block = block_size(V)
+    params = [temperature.float().contiguous(), top_k.to(torch.int64).contiguous(), top_p.float().contiguous(),
+              min_p.float().contiguous(), uniforms.float().contiguous()]  # fmt: skip
+    with device_guard(logits):
+        _sample_kernel[(B,)](
+            logits, *params, tokens, logprobs, row_max, log_z, V, logits.stride(0),
+            BLOCK=block, NPIV=NPIV, STEPS=STEPS, num_warps=4 if block <= 512 else 8,
+        )  # fmt: skip
+    return tokens, logprobs, row_max, log_z
+
+
+def aot_scenarios():
+    """Every launch the op can make, at the GPU shapes (B=512, V=151936: Qwen3's vocabulary) and small V (one
+    block; V=100: BLOCK 128 and 4 warps), once per logits dtype, on meta tensors."""
+    for B, V in ((512, 151936), (512, 1000), (64, 100)):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            logits = torch.empty(B, V, dtype=dtype, device="meta")
+            f32, i64 = (torch.empty(B, dtype=dt, device="meta") for dt in (torch.float32, torch.int64))
+            launch_sample(logits, f32, i64, f32, f32, f32)

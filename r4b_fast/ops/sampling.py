@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import torch
 
-from r4b_fast.backends import resolve_backend
+from r4b_fast.backends import device_guard, resolve_backend
 from r4b_fast.modes import Mode
 
 OP_BACKENDS = ("torch", "triton", "cuda")
@@ -49,6 +49,10 @@ PREFERRED = {"cpu": ("torch",), "cuda": ("triton", "cuda", "torch")}
 CANDIDATES = 1024  # torch backend: top-k candidates per row in which thresholds are searched first
 _BISECT_STEPS = 31  # float32 bit patterns of probabilities in [0, 1] span < 2^30: 31 halvings are exact
 _ONE_BITS = 0x3F800000  # bits of 1.0f
+_HIST_SHIFT = 18  # CPU fallback histogram: float32 bits >> 18 = exponent + 5 mantissa bits (bins ~3% wide in e)
+_HIST_BINS = (_ONE_BITS >> _HIST_SHIFT) + 1  # every e in [0, 1]
+_FLT_MAX = 3.4028234663852886e38
+_FLT_MIN = 1.1754943508222875e-38
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,9 +181,76 @@ def _bisect_threshold(e: torch.Tensor, pred) -> torch.Tensor:
     return lo.view(torch.float32)
 
 
-def _full_vocab_rows(x, m, top_k, top_p, min_p, u):
-    """Exact thresholds by bisection over the full rows, then inverse CDF in vocabulary order: tokens [b]."""
-    e = torch.exp(x - m[:, None])  # max 1
+def _hist_threshold(e: torch.Tensor, bins: torch.Tensor, weight: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    """Largest float32 ``t`` with ``sum(weight; e >= t) >= need`` per row (0 if none), exact (ties kept), CPU.
+
+    ``e`` [b, V] in [0, 1]; ``bins`` [b, V] int64 = the top bits of e's float32 pattern (monotone in e); ``weight``
+    [b, V] >= 0, 0 exactly where it must not count. A histogram of the weights over the bins locates the bin that
+    holds the threshold; only that bin's tokens are sorted (a few hundred on flat logits), never the row.
+    """
+    b = e.shape[0]
+    hist = torch.zeros(b, _HIST_BINS, dtype=weight.dtype).scatter_add_(1, bins, weight)
+    tail = hist.flip(1).cumsum(1)  # tail[:, i]: weight in the i + 1 highest bins
+    i = torch.searchsorted(tail, need[:, None].to(tail.dtype))[:, 0].clamp(max=_HIST_BINS - 1)
+    j = _HIST_BINS - 1 - i  # the bin of the threshold
+    above = torch.where(i > 0, tail.gather(1, (i - 1).clamp(min=0)[:, None])[:, 0], 0.0).double()
+    r, c = torch.nonzero(bins == j[:, None], as_tuple=True)  # row-major: grouped by row
+    n = r.numel()
+    if n == 0:
+        return torch.zeros(b, dtype=torch.float32)
+    v = e[r, c]
+    o = v.argsort(descending=True, stable=True)
+    o = o[r[o].argsort(stable=True)]  # by row, then e descending
+    r, v, w = r[o], v[o], weight[r[o], c[o]].double()
+    counts = torch.bincount(r, minlength=b)
+    starts = counts.cumsum(0) - counts
+    cs = w.cumsum(0)
+    has = counts > 0
+    base = torch.zeros(b, dtype=torch.float64)
+    base[has] = cs[starts[has]] - w[starts[has]]
+    reach = cs - base[r] + above[r] >= need.double()[r]
+    pos = torch.where(reach, torch.arange(n), n)
+    first = torch.full((b,), n, dtype=torch.int64).scatter_reduce_(0, r, pos, "amin")
+    # none reaches (sums in another order than the histogram's): the bin's smallest token
+    first = torch.where(first < n, first, starts + counts - 1)
+    return torch.where(has, v[first.clamp(0, n - 1)], 0.0)
+
+
+def _hist_rows(e, Z, top_k, top_p, min_p, u):
+    """CPU path of the rows whose filtered set does not fit in the candidates (flat logits, large k, no filter):
+    exact thresholds by :func:`_hist_threshold`, then inverse CDF in vocabulary order. ``e`` [b, V] = exp((l - M) /
+    T) with finite M; ``Z`` [b] = sum e. Returns tokens [b]."""
+    V = e.shape[1]
+    bins = None
+    topk_on = (top_k > 0) & (top_k < V)
+    p_on = top_p < 1
+    t_k = torch.zeros_like(Z)
+    mass = Z
+    e_k = e
+    if bool(topk_on.any()):
+        bins = (e.view(torch.int32) >> _HIST_SHIFT).long()
+        t_k = torch.where(topk_on, _hist_threshold(e, bins, (e > 0).float(), top_k.float()), 0.0)
+        e_k = torch.where(e >= t_k[:, None], e, 0)
+        mass = e_k.sum(1)
+    t_p = torch.zeros_like(Z)
+    if bool(p_on.any()):
+        bins = (e.view(torch.int32) >> _HIST_SHIFT).long() if bins is None else bins
+        t_p = torch.where(p_on, _hist_threshold(e, bins, e_k, top_p * mass), 0.0)
+    del bins
+    thr = torch.maximum(torch.maximum(t_k, t_p), min_p).clamp(max=1.0)
+    w = torch.where(e >= thr[:, None], e, 0) if bool((thr > 0).any()) else e
+    cum = w.cumsum(1)
+    idx = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0]
+    over = idx >= V  # rounding: u * total == total; never a zero-mass token: the last kept index
+    if bool(over.any()):
+        last = V - 1 - torch.flip(w[over] > 0, [1]).to(torch.int8).argmax(1)
+        idx[over] = last
+    return idx
+
+
+def _bisect_rows(e, top_k, top_p, min_p, u):
+    """Device path (no host sync) of the rows whose filtered set does not fit in the candidates: exact thresholds by
+    bisection over the full rows, then inverse CDF in vocabulary order. ``e`` [b, V] = exp((l - M) / T). Tokens [b]."""
     V = e.shape[1]
     topk_on = (top_k > 0) & (top_k < V)
     k = torch.where(topk_on, top_k, V)
@@ -189,7 +260,7 @@ def _full_vocab_rows(x, m, top_k, top_p, min_p, u):
     target = top_p * e_k.sum(1)
     t_p = _bisect_threshold(e_k, lambda keep: torch.where(keep, e_k, 0).sum(1) >= target)
     t_p = torch.where(top_p < 1, t_p, 0.0)
-    thr = torch.maximum(torch.maximum(t_k, t_p), min_p)
+    thr = torch.maximum(torch.maximum(t_k, t_p), min_p).clamp(max=1.0)
     w = torch.where(e >= thr[:, None], e, 0)
     cum = w.cumsum(1)
     idx = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0]
@@ -198,58 +269,89 @@ def _full_vocab_rows(x, m, top_k, top_p, min_p, u):
     return torch.minimum(idx, last)
 
 
+def _sanitise(temperature, min_p):
+    """Per-row ``(greedy, inv, min_p)`` as every backend reads them: ``T > 0`` samples, anything else (0; negative or
+    NaN only with check_values=False) is greedy; ``inv = 1 / T`` clamped finite and nonzero; min_p clamped to
+    [0, 1] (NaN: 0)."""
+    greedy = ~(temperature > 0)
+    inv = (1.0 / torch.where(greedy, 1.0, temperature)).clamp(_FLT_MIN, _FLT_MAX)
+    mp = torch.where(min_p > 0, min_p.clamp(max=1.0), 0.0)
+    return greedy, inv, mp
+
+
 def _sample_torch(logits, temperature, top_k, top_p, min_p, u, candidates):
     B, V = logits.shape
-    greedy = temperature == 0
-    t = torch.where(greedy, 1.0, temperature)
-    x = logits.float() / t[:, None]  # three passes over [B, V]: this, topk and logsumexp
-    lse = torch.logsumexp(x, 1)
-    K = min(V, candidates)
-    cv, ci = torch.topk(x, K, dim=1)  # sorted, descending
-    m = cv[:, 0]
-    ce = torch.exp(cv - m[:, None])
-    # top-k threshold inside the candidates (exact when k <= K)
+    cpu = logits.device.type == "cpu"
+    greedy, inv, min_p = _sanitise(temperature, min_p)
+    xf = logits.float()
+    M, first_max = torch.max(xf, 1)  # the first index of the max (greedy's token)
+    bad_nan = M.isnan()  # NaN logits (unchecked input) act as -inf
+    if not cpu or bool(bad_nan.any()):
+        fixed = torch.where(xf.isnan(), -float("inf"), xf)
+        M_fixed, first_fixed = torch.max(fixed, 1)
+        xf = torch.where(bad_nan[:, None], fixed, xf)
+        M, first_max = torch.where(bad_nan, M_fixed, M), torch.where(bad_nan, first_fixed, first_max)
+    finite = M.isfinite()  # else nothing to sample: the first max (0 if all -inf), NaN log-prob
+    first_max = torch.where(first_max < V, first_max, 0)
+    # e = exp((l - M) / T): exactly 1 at the max (min_p = 1 keeps it); any T > 0 works (no l / T overflow)
+    e = torch.sub(xf, M[:, None]).mul_(inv[:, None]).exp_()
+    if not cpu:
+        e = torch.where(finite[:, None], e, 0.0)
+    elif not bool(finite.all()):
+        e[~finite] = 0.0
+    Z = e.sum(1)
+    log_z = Z.log()
     topk_on = (top_k > 0) & (top_k < V)
-    k = torch.where(topk_on, top_k, V)
-    k_fits = (k <= K) | ~topk_on
-    t_k = torch.where(topk_on, ce.gather(1, (k.clamp(max=K) - 1)[:, None])[:, 0], 0.0)
-    ce_k = torch.where(ce >= t_k[:, None], ce, 0)
-    # top-k mass: the full-vocabulary sum when top-k is off (exp(lse - m)), else the candidates' (ties at the
-    # boundary beyond the candidates are handled by the full-vocabulary path below)
-    mass_k = torch.where(topk_on, ce_k.sum(1), torch.exp(lse - m))
-    cum = ce_k.cumsum(1)
-    target = top_p * mass_k
-    first = torch.searchsorted(cum, target[:, None])[:, 0]
-    p_fits = (first < K) | (top_p >= 1)
-    t_p = torch.where(top_p < 1, ce.gather(1, first.clamp(max=K - 1)[:, None])[:, 0], 0.0)
-    thr = torch.maximum(torch.maximum(t_k, t_p), min_p)
-    # candidates suffice when the thresholds were found and no token outside them can reach the threshold
-    fits = k_fits & p_fits & ((thr > ce[:, -1]) | (K == V))
-    # inverse CDF in vocabulary order (as the kernels and the fallback): sort the K candidates by token id
-    by_id = ci.argsort(1)
-    ci_v = ci.gather(1, by_id)
-    ce_v = ce.gather(1, by_id)
-    w = torch.where(ce_v >= thr[:, None], ce_v, 0)
-    wc = w.cumsum(1)
-    j = torch.searchsorted(wc, (u * wc[:, -1])[:, None], right=True)[:, 0]
-    last = K - 1 - torch.flip(w > 0, [1]).to(torch.int8).argmax(1)
-    tokens = ci_v.gather(1, torch.minimum(j, last)[:, None])[:, 0]
-    if x.device.type == "cpu":  # host reads are free on CPU: only the rows that need it take the slow path
-        rows = torch.nonzero(~fits & ~greedy)[:, 0]
+    K = min(V, candidates)
+    # rows whose filtered set surely exceeds K tokens (no top-k <= K, no min_p, and a nucleus of mass > K while
+    # every e <= 1; or no filter at all) skip the candidates: flat logits go straight to the histogram path
+    if cpu and K < V:
+        flat = ~greedy & finite & (~topk_on | (top_k > K)) & (min_p == 0) & ((top_p >= 1) | (top_p * Z > K))
+        cand_rows = torch.nonzero(~flat)[:, 0]
+    else:
+        flat = torch.zeros_like(greedy)
+        cand_rows = None
+    tokens = first_max.clone()
+    fits = torch.zeros_like(greedy)
+    if cand_rows is None or cand_rows.numel():
+        sub = (lambda t: t) if cand_rows is None or cand_rows.numel() == B else (lambda t: t[cand_rows])
+        ce, ci = torch.topk(sub(e), K, dim=1)  # sorted, descending; ce[:, 0] == 1 on finite rows
+        k = torch.where(sub(topk_on), sub(top_k), V)
+        k_fits = (k <= K) | ~sub(topk_on)
+        t_k = torch.where(sub(topk_on), ce.gather(1, (k.clamp(max=K) - 1)[:, None])[:, 0], 0.0)
+        ce_k = torch.where(ce >= t_k[:, None], ce, 0)
+        # top-k mass: the full-vocabulary sum when top-k is off, else the candidates' (ties at the boundary beyond
+        # the candidates are handled by the full-vocabulary path below)
+        mass_k = torch.where(sub(topk_on), ce_k.sum(1), sub(Z))
+        cum = ce_k.cumsum(1)
+        first = torch.searchsorted(cum, (sub(top_p) * mass_k)[:, None])[:, 0]
+        p_fits = (first < K) | (sub(top_p) >= 1)
+        t_p = torch.where(sub(top_p) < 1, ce.gather(1, first.clamp(max=K - 1)[:, None])[:, 0], 0.0)
+        thr = torch.maximum(torch.maximum(t_k, t_p), sub(min_p)).clamp(max=1.0)
+        # candidates suffice when the thresholds were found and no token outside them can reach the threshold
+        sub_fits = k_fits & p_fits & ((thr > ce[:, -1]) | (K == V))
+        # inverse CDF in vocabulary order (as the kernels and the fallback): sort the K candidates by token id
+        by_id = ci.argsort(1)
+        ci_v, ce_v = ci.gather(1, by_id), ce.gather(1, by_id)
+        w = torch.where(ce_v >= thr[:, None], ce_v, 0)
+        wc = w.cumsum(1)
+        j = torch.searchsorted(wc, (sub(u) * wc[:, -1])[:, None], right=True)[:, 0]
+        last = K - 1 - torch.flip(w > 0, [1]).to(torch.int8).argmax(1)
+        sub_tokens = ci_v.gather(1, torch.minimum(j, last)[:, None])[:, 0]
+        if cand_rows is None:
+            tokens, fits = sub_tokens, sub_fits
+        else:
+            tokens[cand_rows], fits[cand_rows] = sub_tokens, sub_fits
+    if cpu:  # host reads are free on CPU: only the rows that need it take the full-vocabulary path
+        rows = torch.nonzero(~fits & ~greedy & finite)[:, 0]
         if rows.numel():
-            tokens[rows] = _full_vocab_rows(x[rows], m[rows], top_k[rows], top_p[rows], min_p[rows], u[rows])
+            tokens[rows] = _hist_rows(e[rows], Z[rows], top_k[rows], top_p[rows], min_p[rows], u[rows])
     elif K < V:  # no host sync: compute for every row, select
-        full = _full_vocab_rows(x, m, top_k, top_p, min_p, u)
-        tokens = torch.where(fits, tokens, full)
-    # greedy: the first maximum (as argmax), from the candidates unless exact ties at the max fill all of them
-    first_max = torch.where(cv == m[:, None], ci, V).amin(1)
-    if K < V:
-        ties_fill = greedy & (cv[:, -1] == m)
-        if x.device.type != "cpu" or bool(ties_fill.any()):
-            first_max = torch.where(ties_fill, x.argmax(1), first_max)
-    tokens = torch.where(greedy, first_max, tokens)
-    logprobs = x.gather(1, tokens[:, None])[:, 0] - lse
-    return tokens, logprobs, lse
+        tokens = torch.where(fits, tokens, _bisect_rows(e, top_k, top_p, min_p, u))
+    tokens = torch.where(greedy | ~finite, first_max, tokens)
+    logprobs = (logits.gather(1, tokens[:, None])[:, 0].float() - M) * inv - log_z
+    logprobs = torch.where(finite, logprobs, float("nan"))
+    return tokens, logprobs, M, log_z
 
 
 def _launch_sample_cuda(logits, temperature, top_k, top_p, min_p, uniforms):
@@ -262,10 +364,9 @@ def _launch_sample_cuda(logits, temperature, top_k, top_p, min_p, uniforms):
         logits = logits.float()
     logits = logits.contiguous()
     B, V = logits.shape
-    tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(B, dtype=torch.float32, device=logits.device)
-    params = [temperature.float().contiguous(), top_k.contiguous(), top_p.float().contiguous(),
+    outs = [torch.empty(B, dtype=dt, device=logits.device)
+            for dt in (torch.int64, torch.float32, torch.float32, torch.float32)]  # tokens, logprobs, max, log_z
+    params = [temperature.float().contiguous(), top_k.to(torch.int64).contiguous(), top_p.float().contiguous(),
               min_p.float().contiguous(), uniforms.float().contiguous()]  # fmt: skip
     lib = _cuda_build.load_library("sampling")
     lib.r4b_sample.restype = ctypes.c_int
@@ -273,16 +374,17 @@ def _launch_sample_cuda(logits, temperature, top_k, top_p, min_p, uniforms):
     def ptr(t):
         return ctypes.c_void_p(t.data_ptr())
 
-    stream = torch.cuda.current_stream(logits.device).cuda_stream
-    err = lib.r4b_sample(
-        ptr(logits), ctypes.c_int(codes[logits.dtype]), ctypes.c_int64(B), ctypes.c_int64(V),
-        ctypes.c_int64(logits.stride(0)), *[ptr(p) for p in params], ptr(tokens), ptr(logprobs), ptr(lse),
-        ctypes.c_void_p(stream),
-    )  # fmt: skip
+    with device_guard(logits):
+        stream = torch.cuda.current_stream(logits.device).cuda_stream
+        err = lib.r4b_sample(
+            ptr(logits), ctypes.c_int(codes[logits.dtype]), ctypes.c_int64(B), ctypes.c_int64(V),
+            ctypes.c_int64(logits.stride(0)), *[ptr(p) for p in params], *[ptr(o) for o in outs],
+            ctypes.c_void_p(stream),
+        )  # fmt: skip
     if err != 0:
         lib.r4b_cuda_error_string.restype = ctypes.c_char_p
         raise RuntimeError(f"sample cuda kernel failed: {lib.r4b_cuda_error_string(err).decode()}")
-    return tokens, logprobs, lse
+    return tuple(outs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,7 +400,9 @@ def _sample_op(
     uniforms: torch.Tensor,
     candidates: int,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(tokens [B] int64, logprobs [B] fp32, row_max [B] fp32 = max of the logits, log_z [B] fp32 =
+    log sum exp((logits - row_max) / T))``: ``log_softmax(logits / T)[i] = (logits[i] - row_max) / T - log_z``."""
     if backend == "triton":
         from r4b_fast.kernels.sampling import launch_sample
 
@@ -312,7 +416,7 @@ def _sample_op(
 def _(logits, temperature, top_k, top_p, min_p, uniforms, candidates, backend):
     B = logits.shape[0]
     return (logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B,), dtype=torch.float32),
-            logits.new_empty((B,), dtype=torch.float32))  # fmt: skip
+            logits.new_empty((B,), dtype=torch.float32), logits.new_empty((B,), dtype=torch.float32))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -412,8 +516,8 @@ def _sample_impl(logits, temperature, top_k, top_p, min_p, generator, backend, c
         raise ValueError("uniforms: values must lie in [0, 1)")
     # one top-k for the whole batch: k + 1 candidates hold its filtered set (the extra one detects boundary ties)
     candidates = min(CANDIDATES, top_k + 1) if isinstance(top_k, int) and top_k > 0 else CANDIDATES
-    tokens, logprobs, lse = _sample_op(logits.detach(), *params, u, candidates, chosen)
-    return tokens, logprobs, lse, params[0]
+    tokens, logprobs, row_max, log_z = _sample_op(logits.detach(), *params, u, candidates, chosen)
+    return tokens, logprobs, row_max, log_z, params[0]
 
 
 def sample(
@@ -457,7 +561,7 @@ def sample(
         >>> tokens.tolist()
         [1, 0]
     """
-    tokens, logprobs, _, _ = _sample_impl(logits, temperature, top_k, top_p, min_p, generator, backend, check_values,
+    tokens, logprobs, *_ = _sample_impl(logits, temperature, top_k, top_p, min_p, generator, backend, check_values,
                                           uniforms)
     return tokens, logprobs
 
@@ -645,7 +749,7 @@ def sample_with_modes(
     if isinstance(logits, torch.Tensor) and logits.dim() == 2 and state.max_token_id >= logits.shape[1]:
         raise ValueError(f"logits: vocabulary of {logits.shape[1]} tokens, but the state's forced / eos / pad ids "
                          f"go up to {state.max_token_id}")  # fmt: skip
-    sampled, logprobs, lse, temp = _sample_impl(logits, temperature, top_k, top_p, min_p, generator, backend,
+    sampled, logprobs, row_max, log_z, temp = _sample_impl(logits, temperature, top_k, top_p, min_p, generator, backend,
                                                 check_values, uniforms)  # fmt: skip
     s = state
     done_before = s.finished
@@ -661,8 +765,8 @@ def sample_with_modes(
     tokens = torch.where(in_queue, q_tok, torch.where(closing, c_tok, sampled))
     tokens = torch.where(active, tokens, s.pad_id)
     # log-probs of forced tokens under the same (temperature-scaled, unfiltered) distribution
-    t = torch.where(temp == 0, 1.0, temp)
-    forced_lp = logits.gather(1, tokens[:, None])[:, 0].float() / t - lse
+    _, inv, _ = _sanitise(temp, temp)
+    forced_lp = (logits.gather(1, tokens[:, None])[:, 0].float() - row_max) * inv - log_z
     logprobs = torch.where(forced, forced_lp, logprobs)
     logprobs = torch.where(active, logprobs, 0.0)
     # advance
