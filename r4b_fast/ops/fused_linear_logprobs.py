@@ -1,30 +1,42 @@
 """Fused LM-head log-probs, entropy and the GRPO / DAPO / Dr.GRPO / GSPO / BPO policy loss, never materialising the
 ``[T, V]`` logits.
 
+Design (the one known to reach GEMM speed on GPUs): per chunk of tokens, the ``[rows, V]`` logits by one GEMM
+(``torch.mm``: cuBLAS on GPU, wgmma on sm_90), then one epilogue over the chunk (online log-sum-exp, target gather,
+entropy and, when gradients are needed, ``d loss / d logits`` written over the chunk in place), then dHidden of the
+chunk and dWeight by two more GEMMs. No atomics, no ``[T, V]`` buffer; the chunk is bounded by ``CHUNK_ELEMENTS``.
+
+- ``fused_linear_policy_loss`` (the loss is the last op, its upstream gradient a scalar): the gradients are formed
+  during the forward, 3 GEMMs in all, and handed to autograd scaled by the upstream scalar. Without gradients
+  (scoring old / reference log-probs), 1 GEMM.
+- ``fused_linear_logprobs`` (per-token outputs whose upstream gradients arrive later): forward 1 GEMM per chunk, the
+  backward recomputes each chunk's logits from the saved log-sum-exp: 4 GEMMs for forward + backward.
+
 Implementations, by name:
 - ``fused_linear_logprobs_ref``: eager fp32 reference; materialises the logits (the oracle and the benchmark baseline).
-- ``_flp_forward_torch`` / ``_flp_backward_torch``: chunked over tokens and vocabulary with an online fp32
-  log-sum-exp; the backward recomputes each chunk's logits from the saved per-row log-sum-exp. The CPU path: extra
-  memory is a couple of ``[chunk_t, chunk_v]`` fp32 buffers (``CHUNK_ELEMENTS`` elements each).
-- triton: ``kernels/fused_linear_logprobs.py``: a tiled matmul fused with the online log-sum-exp, target gather and
-  entropy (forward), and one kernel that recomputes logit tiles and accumulates dHidden / dWeight with atomics.
-- cuda: none. The op is a GEMM with a fused epilogue; Triton's ``tl.dot`` tiles reach tensor-core GEMM speed with the
-  epilogue fused, and a hand-written CUDA GEMM would not beat it (nor cuBLAS + a separate epilogue kernel, which is what
-  the torch backend does on GPU).
+- torch backend: the chunk loop below with ``_epilogue_torch`` / ``_grad_epilogue_torch`` (vectorised torch ops over
+  the chunk, in place). The CPU path.
+- triton backend: the same chunk loop, GEMMs by ``torch.mm``, epilogues by the Triton kernels in
+  ``kernels/fused_linear_logprobs.py`` (one read of the chunk for the statistics, one read + write for the gradient).
+- cuda: none. The GEMMs are cuBLAS already and the epilogue is a row-wise streaming kernel Triton writes as well as
+  hand CUDA would.
 
 Math, with ``x = (hidden @ weight.T + bias) / temperature`` per row, ``p = softmax(x)``, ``lse = logsumexp(x)``:
 ``logp = x[y] - lse``; ``entropy = lse - sum(p * x)``; ``d logp / dx = onehot(y) - p``;
-``d entropy / dx = -p * (x - lse + entropy)``. Rows whose target is ``ignore_index`` give 0 and no gradient.
+``d entropy / dx = -p * (log p + entropy)``. Rows whose target is ``ignore_index`` give 0 and no gradient.
+
+Precision: the GEMMs run in the input dtype (fp32 accumulation inside), the logits chunk is held in that dtype as eager
+``h @ W.T`` would hold it, the epilogue computes in fp32, and the logits' gradient is written back in the input dtype
+(as eager autograd holds it). dWeight is accumulated over chunks in the weight's dtype (one rounding per chunk).
 
 Public functions: :func:`fused_linear_logprobs`, :func:`logprobs_from_logits`, :func:`fused_linear_policy_loss`.
-``fused_linear_logprobs`` is the torch.library op ``r4b_fast::fused_linear_logprobs`` (forward) with autograd through
-``r4b_fast::fused_linear_logprobs_backward``; the policy loss is plain torch ops on its ``[T]`` outputs, so all three
-work under ``torch.compile(fullgraph=True)``.
+All are torch.library custom ops (fake + autograd registered), so they work under ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -34,9 +46,10 @@ OP_BACKENDS = ("torch", "triton")
 PREFERRED = {"cpu": ("torch",), "cuda": ("triton", "torch")}
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 IMPORTANCE_LEVELS = ("token", "sequence")
-CHUNK_ELEMENTS = 1 << 20  # fp32 elements of one [chunk_t, chunk_v] logit chunk in the torch backend (4 MiB)
-MAX_CHUNK_TOKENS = 4096
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Elements of one [rows, V] logit chunk, per device type. CPU: 16M fp32 (64 MiB; the torch epilogue holds two such
+# buffers). GPU: 256M (512 MiB in bf16): R-4B's V=151936 gives 1766-row chunks, big enough for full-speed GEMMs and
+# a few percent of eager's [T, V] buffers at T=8192.
+CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,132 +79,184 @@ def fused_linear_logprobs_ref(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# torch backend: chunks over tokens and vocabulary, online log-sum-exp in fp32.
+# The chunk loop: GEMM -> epilogue (torch or Triton) -> GEMMs. Shared by both backends.
 # ----------------------------------------------------------------------------------------------------------------
-def _chunks(T: int, V: int) -> tuple[int, int]:
-    ct = max(1, min(T, MAX_CHUNK_TOKENS))
-    cv = max(1, min(V, CHUNK_ELEMENTS // ct))
-    return ct, cv
+@dataclass
+class _Head:
+    """The LM head's validated inputs: contiguous ``hidden [T, H]``, ``weight [V, H]``, ``bias [V]`` or None, int64
+    ``targets [T]``, fp32 ``inv_temp [T]``."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    targets: torch.Tensor
+    inv_temp: torch.Tensor
+    ignore_index: int
+    backend: str
+
+    def chunk_rows(self) -> int:
+        T, V = self.hidden.shape[0], self.weight.shape[0]
+        budget = CHUNK_ELEMENTS.get(self.hidden.device.type, CHUNK_ELEMENTS["cpu"])
+        return max(1, min(T, budget // V))
+
+    def logits(self, t0: int, t1: int) -> torch.Tensor:
+        """``[t1 - t0, V]`` logits before the temperature, in the input dtype: one GEMM."""
+        h = self.hidden[t0:t1]
+        if self.bias is not None:
+            return torch.addmm(self.bias, h, self.weight.T)
+        return h @ self.weight.T
 
 
-def _scaled_hidden(h, inv_temp):
-    """``h / temperature`` per row (input dtype): the temperature folded into the matmul."""
-    return h * inv_temp[:, None].to(h.dtype)
+def _grad_coefficients(gl, gh, entropy):
+    """Per-row ``(a0, a1)`` of ``dx = p * (a0 + a1 * log p) + gl * onehot`` for ``gl = d loss / d logp`` and ``gh =
+    d loss / d entropy`` (None: no entropy term, ``a1`` None)."""
+    if gh is None:
+        return -gl, None
+    return -(gl + gh * entropy), -gh
 
 
-def _chunk_logits(h, hs, weight, bias, v0, v1, inv_temp):
-    """fp32 ``x = (h @ W[v0:v1].T + b) / temperature`` for one chunk; the matmul runs in the input dtype.
+def _epilogue_torch(z, inv_temp, y, ignore_index, with_entropy, grad_fn):
+    """Statistics of one logit chunk ``z [rows, V]``: ``(logp, entropy, lse)`` fp32 ``[rows]``. With ``grad_fn``
+    (``(logp, entropy) -> (gl, gh)``), then overwrites ``z`` with ``d loss / d z``, reusing the chunk's exponentials."""
+    x = z if z.dtype == torch.float32 else z.float()  # fp32 working chunk (z itself in fp32)
+    x.mul_(inv_temp[:, None])
+    m = x.amax(1)
+    x.sub_(m[:, None])  # x - m <= 0
+    e = torch.exp(x)
+    s = e.sum(1)
+    log_s = s.log()
+    valid = y != ignore_index
+    y_safe = torch.where(valid, y, 0)[:, None]
+    logp = torch.where(valid, x.gather(1, y_safe).squeeze(1) - log_s, 0.0)
+    # e * (x - m) <= 0: its (pairwise) sum has no cancellation; a bmm row dot accumulates naively, ~60x the error
+    ex = e * x if with_entropy else None
+    entropy = torch.where(valid, log_s - ex.sum(1) / s, 0.0) if with_entropy else torch.zeros_like(s)
+    lse = m + log_s
+    if grad_fn is None:
+        return logp, entropy, lse
+    gl, gh = grad_fn(logp, entropy)
+    a0, a1 = _grad_coefficients(gl, gh, entropy)
+    # p * (a0 + a1 * log p) with p = e / s, log p = (x - m) - log s:  e * c0 + (e * (x - m)) * c1, temperature folded
+    if a1 is not None:
+        c0 = (a0 - a1 * log_s) * inv_temp / s
+        torch.addcmul(ex.mul_((a1 * inv_temp / s)[:, None]), e, c0[:, None], out=x)
+    else:
+        torch.mul(e, (a0 * inv_temp / s)[:, None], out=x)
+    del e, ex
+    x.scatter_add_(1, y_safe, (gl * inv_temp)[:, None])  # gl = 0 on ignored rows
+    if x is not z:
+        z.copy_(x)
+    return logp, entropy, lse
 
-    fp32 without bias: ``x = hs @ W.T`` with ``hs = h / temperature`` (no pass over the chunk for the temperature).
-    """
-    w = weight[v0:v1]
-    if hs is not None:
-        return hs @ w.T
-    z = torch.addmm(bias[v0:v1], h, w.T) if bias is not None else h @ w.T
-    if z.dtype == torch.float32:
-        return z.mul_(inv_temp[:, None])
-    return torch.mul(z, inv_temp[:, None])  # 16-bit logits -> fp32 in the same pass
+
+def _grad_epilogue_torch(z, inv_temp, y, lse, gl, a0, a1):
+    """Overwrite the chunk ``z`` with ``d loss / d z`` from saved per-row statistics (the recomputing backward)."""
+    x = z if z.dtype == torch.float32 else z.float()
+    x.mul_(inv_temp[:, None]).sub_(lse[:, None])  # log p
+    if a1 is None:
+        x.exp_().mul_((a0 * inv_temp)[:, None])
+    else:
+        p = torch.exp(x)
+        x.mul_((a1 * inv_temp)[:, None]).add_((a0 * inv_temp)[:, None]).mul_(p)
+        del p
+    x.scatter_add_(1, y[:, None], (gl * inv_temp)[:, None])
+    if x is not z:
+        z.copy_(x)
+    return z
 
 
-def _rowdot(a, b):
-    """``(a * b).sum(1)`` as a batched dot product: one pass, no [rows, cols] temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+def _grad_epilogue_triton(z, inv_temp, y, lse, gl, a0, a1):
+    from r4b_fast.kernels.fused_linear_logprobs import launch_grad_
+
+    a1 = a1.contiguous() if a1 is not None else None
+    return launch_grad_(z, inv_temp, y, lse, gl.contiguous(), a0.contiguous(), a1)
 
 
-def _flp_forward_torch(hidden, weight, bias, targets, temperature, ignore_index, with_entropy):
-    T, V = hidden.shape[0], weight.shape[0]
-    ct, cv = _chunks(T, V)
-    fold = hidden.dtype == torch.float32 and bias is None
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    logp, entropy, lse_out = torch.empty(T, **f32), torch.zeros(T, **f32), torch.empty(T, **f32)
+def _epilogue_triton(z, inv_temp, y, ignore_index, with_entropy, grad_fn):
+    from r4b_fast.kernels.fused_linear_logprobs import launch_stats
+
+    logp, entropy, lse = launch_stats(z, inv_temp, y, ignore_index, with_entropy)
+    if grad_fn is not None:
+        gl, gh = grad_fn(logp, entropy)
+        _grad_epilogue_triton(z, inv_temp, y, lse, gl, *_grad_coefficients(gl, gh, entropy))
+    return logp, entropy, lse
+
+
+_EPILOGUES = {"torch": (_epilogue_torch, _grad_epilogue_torch), "triton": (_epilogue_triton, _grad_epilogue_triton)}
+
+
+@dataclass
+class _Grads:
+    """Gradient outputs filled chunk by chunk (None where not needed): dHidden rows written per chunk, dWeight
+    accumulated in the weight's dtype, dBias accumulated in fp32."""
+
+    dh: torch.Tensor | None
+    dw: torch.Tensor | None
+    db: torch.Tensor | None
+
+    @classmethod
+    def empty(cls, head: _Head, need_dh: bool, need_dw: bool, need_db: bool) -> _Grads:
+        dev = head.hidden.device
+        return cls(
+            torch.empty_like(head.hidden) if need_dh else None,
+            torch.empty_like(head.weight) if need_dw else None,
+            torch.zeros(head.weight.shape[0], dtype=torch.float32, device=dev) if need_db else None,
+        )
+
+    def add_chunk(self, head: _Head, dz: torch.Tensor, t0: int, t1: int) -> None:
+        if self.dh is not None:
+            torch.mm(dz, head.weight, out=self.dh[t0:t1])
+        if self.dw is not None:
+            if t0 == 0:
+                torch.mm(dz.T, head.hidden[t0:t1], out=self.dw)
+            else:
+                self.dw.addmm_(dz.T, head.hidden[t0:t1])
+        if self.db is not None:
+            self.db += dz.sum(0, dtype=torch.float32)
+
+    def outputs(self, head: _Head) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(dh, dw, db)`` with empty tensors for those not computed (a custom op returns tensors, not None)."""
+        def none():  # a distinct empty tensor each: a custom op's outputs may not alias one another
+            return head.hidden.new_empty(0)
+
+        db = self.db.to(head.bias.dtype) if self.db is not None else none()
+        return (self.dh if self.dh is not None else none(), self.dw if self.dw is not None else none(), db)
+
+
+def _lm_head_forward(head: _Head, with_entropy: bool, grad_fn=None, grads: _Grads | None = None):
+    """``(logp, entropy, lse)`` fp32 ``[T]``; with ``grad_fn(t0, t1, logp, entropy) -> (gl, gh)`` the loss's
+    gradients are also accumulated into ``grads`` (3 GEMMs per chunk in all, 1 without)."""
+    T = head.hidden.shape[0]
+    f32 = dict(dtype=torch.float32, device=head.hidden.device)
+    logp, entropy, lse = torch.empty(T, **f32), torch.zeros(T, **f32), torch.empty(T, **f32)
+    epilogue = _EPILOGUES[head.backend][0]
+    ct = head.chunk_rows()
     for t0 in range(0, T, ct):
         t1 = min(T, t0 + ct)
-        h, y, inv_temp = hidden[t0:t1], targets[t0:t1], 1.0 / temperature[t0:t1]
-        hs = _scaled_hidden(h, inv_temp) if fold else None
-        m = s = u = None  # running max, sum exp(x - m), sum exp(x - m) * (x - m)
-        xy = torch.zeros(t1 - t0, **f32)
-        for v0 in range(0, V, cv):
-            v1 = min(V, v0 + cv)
-            x = _chunk_logits(h, hs, weight, bias, v0, v1, inv_temp)
-            inside = (y >= v0) & (y < v1)
-            xy += torch.where(inside, x.gather(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1), 0.0)
-            m_new = x.amax(1) if m is None else torch.maximum(m, x.amax(1))
-            x.sub_(m_new[:, None])  # x - m_new <= 0
-            e = x.exp()
-            s_c = e.sum(1)
-            u_c = _rowdot(e, x) if with_entropy else None
-            if m is None:
-                s, u = s_c, u_c
-            else:
-                delta = m - m_new  # <= 0
-                scale = delta.exp()
-                if with_entropy:  # rescale sum e * (x - m_old) to the new max: + delta * s_old
-                    u = scale * (u + delta * s) + u_c
-                s = scale * s + s_c
-            m = m_new
-            del x, e
-        lse = m + s.log()
-        valid = y != ignore_index
-        logp[t0:t1] = torch.where(valid, xy - lse, 0.0)
-        lse_out[t0:t1] = lse
-        if with_entropy:
-            entropy[t0:t1] = torch.where(valid, s.log() - u / s, 0.0)
-    return logp, entropy, lse_out
+        z = head.logits(t0, t1)
+        rows_grad = None if grad_fn is None else (lambda lp, en, t0=t0, t1=t1: grad_fn(t0, t1, lp, en))
+        lp, en, ls = epilogue(z, head.inv_temp[t0:t1], head.targets[t0:t1], head.ignore_index, with_entropy, rows_grad)
+        logp[t0:t1], entropy[t0:t1], lse[t0:t1] = lp, en, ls
+        if grads is not None:
+            grads.add_chunk(head, z, t0, t1)
+        del z
+    return logp, entropy, lse
 
 
-def _flp_backward_torch(grad_logp, grad_ent, hidden, weight, bias, targets, temperature, lse, entropy, ignore_index):
-    """dHidden, dWeight, dBias (dBias empty without bias) in the input dtype; each chunk's logits recomputed.
-
-    Works with ``dx`` = d loss / d (logits / temperature):
-    ``dx = -p * (gl + gh * (entropy + log p)) + gl * onehot``, then ``dHidden = (dx @ W) / temperature``,
-    ``dWeight = dx.T @ (h / temperature)``, ``dBias = (1 / temperature) @ dx`` (no pass over a chunk for it).
-    """
-    T, V = hidden.shape[0], weight.shape[0]
-    ct, cv = _chunks(T, V)
-    fold = hidden.dtype == torch.float32 and bias is None
-    low = hidden.dtype != torch.float32
-    dh = torch.zeros(T, hidden.shape[1], dtype=torch.float32, device=hidden.device)
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    db = torch.zeros(V, dtype=torch.float32, device=weight.device) if bias is not None else None
-    valid = targets != ignore_index
-    inv_temp_all = 1.0 / temperature
-    gl_all = torch.where(valid, grad_logp, 0.0)
-    if grad_ent is not None:
-        gh_all = torch.where(valid, grad_ent, 0.0)
-        a0_all = -(gl_all + gh_all * entropy)  # dx = p * (a0 + a1 * log p)
-        a1_all = -gh_all
+def _lm_head_backward(head: _Head, lse, entropy, gl, gh, grads: _Grads) -> None:
+    """Recompute each chunk's logits and accumulate the gradients of ``sum(gl * logp + gh * entropy)``."""
+    T = head.hidden.shape[0]
+    grad_epilogue = _EPILOGUES[head.backend][1]
+    a0, a1 = _grad_coefficients(gl, gh, entropy)
+    y_safe = torch.where(head.targets != head.ignore_index, head.targets, 0)  # ignored rows have gl = a0 = a1 = 0
+    ct = head.chunk_rows()
     for t0 in range(0, T, ct):
         t1 = min(T, t0 + ct)
-        h, y, inv_temp, lse_c = hidden[t0:t1], targets[t0:t1], inv_temp_all[t0:t1], lse[t0:t1]
-        hs = _scaled_hidden(h, inv_temp)
-        gl = gl_all[t0:t1]
-        for v0 in range(0, V, cv):
-            v1 = min(V, v0 + cv)
-            logq = _chunk_logits(h, hs if fold else None, weight, bias, v0, v1, inv_temp).sub_(lse_c[:, None])
-            if grad_ent is not None:
-                p = logq.exp()
-                dx = logq.mul_(a1_all[t0:t1, None]).add_(a0_all[t0:t1, None]).mul_(p)
-                del p
-            else:
-                dx = logq.exp_().mul_(-gl[:, None])
-            inside = (y >= v0) & (y < v1)
-            idx = (y - v0).clamp(0, v1 - v0 - 1)[:, None]
-            dx.scatter_add_(1, idx, torch.where(inside, gl, 0.0)[:, None])
-            if db is not None:
-                db[v0:v1].addmv_(dx.T, inv_temp)
-            if low:
-                dxl = dx.to(hidden.dtype)
-                del dx
-                dh[t0:t1] += dxl @ weight[v0:v1]
-                dw[v0:v1] += dxl.T @ hs
-                del dxl
-            else:
-                dh[t0:t1].addmm_(dx, weight[v0:v1])
-                dw[v0:v1].addmm_(dx.T, hs)
-                del dx
-    dh.mul_(inv_temp_all[:, None])
-    db_out = db.to(bias.dtype) if db is not None else hidden.new_empty(0)
-    return dh.to(hidden.dtype), dw.to(weight.dtype), db_out
+        z = head.logits(t0, t1)
+        grad_epilogue(z, head.inv_temp[t0:t1], y_safe[t0:t1], lse[t0:t1], gl[t0:t1], a0[t0:t1],
+                      a1[t0:t1] if a1 is not None else None)  # fmt: skip
+        grads.add_chunk(head, z, t0, t1)
+        del z
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,6 +279,11 @@ def _check_values(targets, temperature, vocab, ignore_index):
         raise ValueError(f"temperature: {n_bad_temp} row(s) not finite and > 0")
 
 
+def _head(hidden, weight, bias, targets, temperature, ignore_index, backend) -> _Head:
+    _check_values(targets, temperature, weight.shape[0], ignore_index)
+    return _Head(hidden, weight, bias, targets, 1.0 / temperature, ignore_index, backend)
+
+
 @torch.library.custom_op("r4b_fast::fused_linear_logprobs", mutates_args=())
 def _flp_op(
     hidden: torch.Tensor,
@@ -225,12 +295,8 @@ def _flp_op(
     with_entropy: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_values(targets, temperature, weight.shape[0], ignore_index)
-    if backend == "triton":
-        from r4b_fast.kernels.fused_linear_logprobs import launch_forward
-
-        return launch_forward(hidden, weight, bias, targets, temperature, ignore_index, with_entropy)
-    return _flp_forward_torch(hidden, weight, bias, targets, temperature, ignore_index, with_entropy)
+    head = _head(hidden, weight, bias, targets, temperature, ignore_index, backend)
+    return _lm_head_forward(head, with_entropy)
 
 
 @_flp_op.register_fake
@@ -251,23 +317,28 @@ def _flp_backward_op(
     lse: torch.Tensor,
     entropy: torch.Tensor,
     ignore_index: int,
+    need_dh: bool,
+    need_dw: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_logp = grad_logp.float().contiguous()
-    grad_ent = grad_ent.float().contiguous() if grad_ent is not None else None
-    if backend == "triton":
-        from r4b_fast.kernels.fused_linear_logprobs import launch_backward
+    head = _Head(hidden, weight, bias, targets, 1.0 / temperature, ignore_index, backend)
+    valid = targets != ignore_index
+    gl = torch.where(valid, grad_logp.float(), 0.0)
+    gh = torch.where(valid, grad_ent.float(), 0.0) if grad_ent is not None else None
+    grads = _Grads.empty(head, need_dh, need_dw, bias is not None)
+    _lm_head_backward(head, lse, entropy, gl, gh, grads)
+    return grads.outputs(head)
 
-        return launch_backward(grad_logp, grad_ent, hidden, weight, bias, targets, temperature, lse, entropy,
-                               ignore_index)
-    return _flp_backward_torch(grad_logp, grad_ent, hidden, weight, bias, targets, temperature, lse, entropy,
-                               ignore_index)
+
+def _grads_fake(hidden, weight, bias, need_dh, need_dw):
+    return (hidden.new_empty(hidden.shape if need_dh else 0), weight.new_empty(weight.shape if need_dw else 0),
+            bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0))  # fmt: skip
 
 
 @_flp_backward_op.register_fake
-def _(grad_logp, grad_ent, hidden, weight, bias, targets, temperature, lse, entropy, ignore_index, backend):
-    db = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0)
-    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), db
+def _(grad_logp, grad_ent, hidden, weight, bias, targets, temperature, lse, entropy, ignore_index, need_dh, need_dw,
+      backend):  # fmt: skip
+    return _grads_fake(hidden, weight, bias, need_dh, need_dw)
 
 
 def _setup_context(ctx, inputs, output):
@@ -285,14 +356,156 @@ def _backward(ctx, grad_logp, grad_ent, grad_lse):
         grad_logp = torch.zeros_like(lse)
     if not ctx.with_entropy:
         grad_ent = None
+    need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dh, dw, db = _flp_backward_op(
         grad_logp, grad_ent, hidden, weight, bias if ctx.has_bias else None, targets, temperature, lse, entropy,
-        ctx.ignore_index, ctx.backend,
+        ctx.ignore_index, need_dh, need_dw, ctx.backend,
     )  # fmt: skip
-    return dh, dw, (db if ctx.has_bias else None), None, None, None, None, None
+    return (dh if need_dh else None, dw if need_dw else None, db if ctx.has_bias else None,
+            None, None, None, None, None)  # fmt: skip
 
 
 _flp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@dataclass(frozen=True)
+class _PPO:
+    """The clipped policy-gradient objective's constants (``fused_linear_policy_loss``'s arguments)."""
+
+    clip_low: float
+    clip_high: float
+    dual_clip: float | None
+    beta: float
+    entropy_coef: float
+
+
+def _ppo_token_loss(log_ratio, logp, entropy, adv, ref, ppo: _PPO):
+    """Per-token ``(loss_tok, ratio, dual_active, kl)``: ``max(-A r, -A clip(r))`` (dual-clipped where A < 0) +
+    ``beta * k3`` - ``entropy_coef * entropy``; ``kl`` / ``dual_active`` None when not computed. The one definition
+    of the loss: the value and the fused gradients both come from it."""
+    ratio = torch.exp(log_ratio)
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - ppo.clip_low, 1 + ppo.clip_high))
+    dual_active = None
+    if ppo.dual_clip is not None:
+        pg3 = -adv * ppo.dual_clip
+        dual_active = (adv < 0) & (pg > pg3)
+        pg = torch.where(adv < 0, torch.minimum(pg, pg3), pg)
+    loss_tok, kl = pg, None
+    if ref is not None:
+        d = ref - logp
+        kl = torch.exp(d) - d - 1
+        if ppo.beta != 0:
+            loss_tok = loss_tok + ppo.beta * kl
+    if ppo.entropy_coef != 0:
+        loss_tok = loss_tok - ppo.entropy_coef * entropy
+    return loss_tok, ratio, dual_active, kl
+
+
+def _ppo_token_grad(log_ratio, logp, adv, ref, ppo: _PPO):
+    """``d loss_tok / d logp`` of :func:`_ppo_token_loss` for a token-level ratio ``exp(logp - old)``, with autograd's
+    conventions (a custom op's body runs below autograd, so the derivative is written out): ``maximum`` / ``minimum``
+    split the gradient evenly at ties, ``clamp`` passes it on the closed interval."""
+    ratio = torch.exp(log_ratio)
+    lo, hi = 1 - ppo.clip_low, 1 + ppo.clip_high
+    pg1, pg2 = -adv * ratio, -adv * ratio.clamp(lo, hi)
+    tie = (pg1 == pg2).float() * 0.5
+    share = (pg1 > pg2).float() + tie + ((pg2 > pg1).float() + tie) * ((ratio >= lo) & (ratio <= hi)).float()
+    grad = -adv * ratio * share
+    if ppo.dual_clip is not None:
+        pg, pg3 = torch.maximum(pg1, pg2), -adv * ppo.dual_clip
+        kept = (pg < pg3).float() + (pg == pg3).float() * 0.5
+        grad = torch.where(adv < 0, grad * kept, grad)
+    if ref is not None and ppo.beta != 0:  # d k3 / d logp = 1 - exp(ref - logp)
+        grad = grad + ppo.beta * (1 - torch.exp(ref - logp))
+    return grad
+
+
+@torch.library.custom_op("r4b_fast::fused_linear_policy_loss_grads", mutates_args=())
+def _policy_grads_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    temperature: torch.Tensor,
+    ignore_index: int,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    token_weights: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    beta: float,
+    entropy_coef: float,
+    need_dh: bool,
+    need_dw: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logp, entropy, dh, dw, db)`` of ``loss = sum_t token_weights[t] * loss_tok[t]`` (token-level importance):
+    each chunk's ``d loss / d logp`` (``_ppo_token_grad``) and ``d loss / d entropy`` (``-entropy_coef``) weight the
+    chunk's logit gradient, and its two GEMMs follow at once."""
+    head = _head(hidden, weight, bias, targets, temperature, ignore_index, backend)
+    ppo = _PPO(clip_low, clip_high, dual_clip, beta, entropy_coef)
+
+    gh_const = None if entropy_coef == 0 else torch.full_like(token_weights, -entropy_coef) * token_weights
+
+    def grad_fn(t0, t1, logp, entropy):
+        log_ratio = logp - old_logprobs[t0:t1] if old_logprobs is not None else torch.zeros_like(logp)
+        ref = ref_logprobs[t0:t1] if ref_logprobs is not None else None
+        gl = _ppo_token_grad(log_ratio, logp, advantages[t0:t1], ref, ppo) * token_weights[t0:t1]
+        return gl, (gh_const[t0:t1] if gh_const is not None else None)
+
+    grads = _Grads.empty(head, need_dh, need_dw, bias is not None)
+    logp, entropy, _ = _lm_head_forward(head, True, grad_fn, grads)
+    return (logp, entropy, *grads.outputs(head))
+
+
+@_policy_grads_op.register_fake
+def _(hidden, weight, bias, targets, temperature, ignore_index, advantages, old_logprobs, ref_logprobs, token_weights,
+      clip_low, clip_high, dual_clip, beta, entropy_coef, need_dh, need_dw, backend):  # fmt: skip
+    T = hidden.shape[0]
+    rows = (hidden.new_empty(T, dtype=torch.float32), hidden.new_empty(T, dtype=torch.float32))
+    return (*rows, *_grads_fake(hidden, weight, bias, need_dh, need_dw))
+
+
+@torch.library.custom_op("r4b_fast::attach_lm_head_grads", mutates_args=())
+def _attach_grads_op(
+    loss: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    dh: torch.Tensor,
+    dw: torch.Tensor,
+    db: torch.Tensor,
+) -> torch.Tensor:
+    """The loss value, differentiable in ``hidden`` / ``weight`` / ``bias`` with the gradients formed in the forward
+    (``dh`` etc. for a unit upstream gradient; empty where not computed)."""
+    return loss.clone()
+
+
+@_attach_grads_op.register_fake
+def _(loss, hidden, weight, bias, dh, dw, db):
+    return loss.new_empty(loss.shape)
+
+
+def _attach_setup_context(ctx, inputs, output):
+    _, _, _, bias, dh, dw, db = inputs
+    ctx.save_for_backward(dh, dw, db)
+    ctx.has_bias = bias is not None
+
+
+def _attach_backward(ctx, grad):
+    dh, dw, db = ctx.saved_tensors
+    need = ctx.needs_input_grad
+
+    def scaled(g):  # the upstream gradient of the loss is a scalar
+        return g * grad.to(g.dtype) if g.numel() else None
+
+    return (None, scaled(dh) if need[1] else None, scaled(dw) if need[2] else None,
+            scaled(db) if ctx.has_bias and need[3] else None, None, None, None)  # fmt: skip
+
+
+_attach_grads_op.register_autograd(_attach_backward, setup_context=_attach_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,6 +572,26 @@ def _validate_linear(hidden, weight, bias):
         _check_float("bias", bias, shape=(weight.shape[0],), dtype=hidden.dtype, device=hidden.device)
 
 
+def _prepare_head(hidden, weight, bias, targets, temperature, ignore_index, backend):
+    """Validate the LM head's inputs (after the autocast cast): ``((hidden [T, H], weight, bias, int64 targets [T],
+    fp32 temperature [T], backend), leading shape)``, all contiguous."""
+    _validate_linear(hidden, weight, bias)
+    lead = tuple(hidden.shape[:-1])
+    _check_targets(targets, lead, hidden.device)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if 0 <= ignore_index < weight.shape[0]:
+        raise ValueError(f"ignore_index: {ignore_index} is a valid token id in [0, V={weight.shape[0]})")
+    if math.prod(lead) == 0:
+        raise ValueError(f"hidden: no rows (shape {tuple(hidden.shape)})")
+    temp = _temperature_tensor(temperature, lead, hidden.device)
+    chosen = resolve_backend(backend, hidden.device, OP_BACKENDS, PREFERRED, "fused_linear_logprobs")
+    args = (hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
+            bias.contiguous() if bias is not None else None, targets.reshape(-1).to(torch.int64).contiguous(), temp,
+            chosen)  # fmt: skip
+    return args, lead
+
+
 def fused_linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -387,8 +620,9 @@ def fused_linear_logprobs(
 
     Returns:
         ``logprobs`` (``[...]`` float32), or ``(logprobs, entropy)`` with ``return_entropy=True``. Differentiable in
-        ``hidden``, ``weight`` and ``bias``; the backward recomputes the logits chunk by chunk. The value checks
-        (targets in range, temperatures finite and > 0) cost one host sync per call, also under torch.compile.
+        ``hidden``, ``weight`` and ``bias``; the backward recomputes the logits chunk by chunk (4 GEMMs for forward +
+        backward; a loss on these outputs is cheaper through :func:`fused_linear_policy_loss`, 3 GEMMs). The value
+        checks (targets in range, temperatures finite and > 0) cost one host sync per call, also under torch.compile.
 
     Example:
         >>> import torch, r4b_fast
@@ -400,22 +634,8 @@ def fused_linear_logprobs(
         >>> (logp.sum() + ent.sum()).backward()
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    _validate_linear(hidden, weight, bias)
-    lead = tuple(hidden.shape[:-1])
-    _check_targets(targets, lead, hidden.device)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    if 0 <= ignore_index < weight.shape[0]:
-        raise ValueError(f"ignore_index: {ignore_index} is a valid token id in [0, V={weight.shape[0]})")
-    temp = _temperature_tensor(temperature, lead, hidden.device)
-    chosen = resolve_backend(backend, hidden.device, OP_BACKENDS, PREFERRED, "fused_linear_logprobs")
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    if math.prod(lead) == 0:
-        raise ValueError(f"hidden: no rows (shape {tuple(hidden.shape)})")
-    logp, ent, _ = _flp_op(
-        h2.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
-        targets.reshape(-1).to(torch.int64).contiguous(), temp, ignore_index, bool(return_entropy), chosen,
-    )  # fmt: skip
+    args, lead = _prepare_head(hidden, weight, bias, targets, temperature, ignore_index, backend)
+    logp, ent, _ = _flp_op(*args[:5], ignore_index, bool(return_entropy), args[5])
     if return_entropy:
         return logp.view(lead), ent.view(lead)
     return logp.view(lead)
@@ -463,21 +683,22 @@ def logprobs_from_logits(
     return logp, entropy
 
 
-def _agg(loss_tok, mask_f, aggregation, normaliser, max_length):
-    """verl's agg_loss with a trainer-given normaliser (global token count or sequence count)."""
+def _token_weights(mask_f, aggregation, normaliser, max_length):
+    """``w [B, L]`` with ``loss = sum(w * loss_tok)``: verl's agg_loss modes (all linear in the per-token loss) with a
+    trainer-given normaliser (global token count or sequence count) replacing the denominator."""
     if aggregation == "token-mean":
+        per_token = mask_f
         denom = mask_f.sum().clamp_min(1) if normaliser is None else normaliser
-        return (loss_tok * mask_f).sum() / denom
-    tok_sum = (loss_tok * mask_f).sum(-1)
-    n_tok = mask_f.sum(-1)
-    if aggregation == "seq-mean-token-mean":
-        per_seq = tok_sum / n_tok.clamp_min(1)
-    elif aggregation == "seq-mean-token-sum":
-        per_seq = tok_sum
-    else:  # seq-mean-token-sum-norm (Dr.GRPO): divide by a constant length
-        per_seq = tok_sum / max_length
-    denom = (n_tok > 0).sum().clamp_min(1) if normaliser is None else normaliser
-    return per_seq.sum() / denom
+    else:
+        n_tok = mask_f.sum(-1, keepdim=True)
+        if aggregation == "seq-mean-token-mean":
+            per_token = mask_f / n_tok.clamp_min(1)
+        elif aggregation == "seq-mean-token-sum":
+            per_token = mask_f
+        else:  # seq-mean-token-sum-norm (Dr.GRPO): divide by a constant length
+            per_token = mask_f / max_length
+        denom = (n_tok > 0).sum().clamp_min(1) if normaliser is None else normaliser
+    return per_token / denom
 
 
 def _masked_mean(x, mask_f):
@@ -537,6 +758,9 @@ def fused_linear_policy_loss(
         ``(loss, metrics)``: a 0-dim float32 loss and a dict of detached 0-dim tensors: ``kl`` (masked mean k3, 0
         without ``ref_logprobs``), ``clip_frac_low`` (A < 0 and ratio < 1 - clip_low), ``clip_frac_high`` (A > 0 and
         ratio > 1 + clip_high), ``dual_clip_frac``, ``ratio_mean``, ``entropy_mean``, ``logprob_mean``.
+        With gradients enabled and ``importance_level="token"``, the gradients of ``hidden`` / ``weight`` / ``bias``
+        are formed during this call (3 GEMMs per token chunk, no recomputation) and ``loss.backward()`` only scales
+        them by the upstream scalar; GSPO's sequence-level ratio needs every token first, so it recomputes (4 GEMMs).
 
     Example:
         >>> import torch, r4b_fast
@@ -603,47 +827,57 @@ def fused_linear_policy_loss(
     mask_b = mask if mask.dtype == torch.bool else mask != 0
     mask_f = mask_b.float()
     ignore = -100
-    safe_targets = torch.where(mask_b, targets.long(), ignore)  # padding targets may be anything
-    logp, entropy = fused_linear_logprobs(
-        hidden.reshape(B * L, H), weight, safe_targets.reshape(-1), bias=bias,
-        temperature=temperature.reshape(-1) if isinstance(temperature, torch.Tensor) else temperature,
-        return_entropy=True, ignore_index=ignore, backend=backend,
-    )  # fmt: skip
-    logp, entropy = logp.view(B, L), entropy.view(B, L)
-    if entropy_coef == 0:
-        entropy = entropy.detach()
-    old = logp.detach() if old_logprobs is None else old_logprobs.float()
+    # Padding positions may hold anything: their targets are ignored and their loss inputs zeroed, so no inf/NaN there
+    # reaches the loss or (as 0 * inf) the gradient.
+    safe_targets = torch.where(mask_b, targets.long(), ignore)
     adv = (advantages.float()[:, None] if advantages.dim() == 1 else advantages.float()).expand(B, L)
+    adv = torch.where(mask_b, adv, 0.0)
+    old = torch.where(mask_b, old_logprobs.detach().float(), 0.0) if old_logprobs is not None else None
+    ref = torch.where(mask_b, ref_logprobs.detach().float(), 0.0) if ref_logprobs is not None else None
+    w_tok = _token_weights(mask_f, aggregation, normaliser, max_length)
+    ppo = _PPO(float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip), float(beta),
+               float(entropy_coef))  # fmt: skip
+    temp = temperature.reshape(-1) if isinstance(temperature, torch.Tensor) else temperature
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if needs_grad and importance_level == "token":
+        # The loss is the last op: form its gradients during the forward (3 GEMMs), attach them below.
+        args, _ = _prepare_head(hidden.reshape(B * L, H), weight, bias, safe_targets.reshape(-1), temp, ignore, backend)
+        h2, w2, b2, y2, t2, chosen = args
+        flat = (lambda t: t.reshape(-1).contiguous() if t is not None else None)
+        logp, entropy, dh, dw, db = _policy_grads_op(
+            h2.detach(), w2.detach(), b2.detach() if b2 is not None else None, y2, t2, ignore, flat(adv), flat(old),
+            flat(ref), flat(w_tok.detach().float()), ppo.clip_low, ppo.clip_high, ppo.dual_clip, ppo.beta,
+            ppo.entropy_coef, hidden.requires_grad, weight.requires_grad, chosen,
+        )  # fmt: skip
+        logp, entropy = logp.view(B, L), entropy.view(B, L)
+    else:
+        logp, entropy = fused_linear_logprobs(
+            hidden.reshape(B * L, H), weight, safe_targets.reshape(-1), bias=bias, temperature=temp,
+            return_entropy=True, ignore_index=ignore, backend=backend,
+        )  # fmt: skip
+        logp, entropy = logp.view(B, L), entropy.view(B, L)
+        if entropy_coef == 0:
+            entropy = entropy.detach()
+    old_or_current = logp.detach() if old is None else old
     if importance_level == "token":
-        log_ratio = logp - old
+        log_ratio = logp - old_or_current
     else:  # GSPO
-        seq_log_ratio = ((logp - old) * mask_f).sum(-1) / mask_f.sum(-1).clamp_min(1)
+        seq_log_ratio = ((logp - old_or_current) * mask_f).sum(-1) / mask_f.sum(-1).clamp_min(1)
         log_ratio = seq_log_ratio.detach()[:, None] + logp - logp.detach()
-    ratio = torch.exp(log_ratio)
-    pg1 = -adv * ratio
-    pg2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
-    pg = torch.maximum(pg1, pg2)
-    if dual_clip is not None:
-        pg3 = -adv * dual_clip
-        dual_active = (adv < 0) & (pg > pg3)
-        pg = torch.where(adv < 0, torch.minimum(pg, pg3), pg)
-    loss_tok = pg
-    if ref_logprobs is not None:
-        d = ref_logprobs.float() - logp
-        kl = torch.exp(d) - d - 1
-        if beta != 0:
-            loss_tok = loss_tok + beta * kl
-    if entropy_coef != 0:
-        loss_tok = loss_tok - entropy_coef * entropy
-    loss = _agg(loss_tok, mask_f, aggregation, normaliser, max_length)
+    loss_tok, ratio, dual_active, kl = _ppo_token_loss(log_ratio, logp, entropy, adv, ref, ppo)
+    loss = (loss_tok * w_tok).sum()
+    if needs_grad and importance_level == "token":
+        dh = dh.view(hidden.shape) if dh.numel() else dh
+        loss = _attach_grads_op(loss.detach(), hidden, weight, bias, dh, dw, db)
     with torch.no_grad():
         r = ratio.detach()
         zero = mask_f.new_zeros(())
         metrics = {
-            "kl": _masked_mean(kl.detach(), mask_f) if ref_logprobs is not None else zero,
+            "kl": _masked_mean(kl.detach(), mask_f) if kl is not None else zero,
             "clip_frac_low": _masked_mean(((adv < 0) & (r < 1 - clip_low)).float(), mask_f),
             "clip_frac_high": _masked_mean(((adv > 0) & (r > 1 + clip_high)).float(), mask_f),
-            "dual_clip_frac": _masked_mean(dual_active.float(), mask_f) if dual_clip is not None else zero,
+            "dual_clip_frac": _masked_mean(dual_active.float(), mask_f) if dual_active is not None else zero,
             "ratio_mean": _masked_mean(r, mask_f),
             "entropy_mean": _masked_mean(entropy.detach(), mask_f),
             "logprob_mean": _masked_mean(logp.detach(), mask_f),
