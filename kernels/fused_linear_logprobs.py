@@ -24,7 +24,7 @@ import triton.language as tl
 
 from r4b_fast.backends import device_guard
 
-NEG_BIG: tl.constexpr = -1.0e30  # finite start for the running max: exp(NEG_BIG - m) = 0, 0 * (NEG_BIG - m) stays 0
+NEG_BIG = tl.constexpr(-1.0e30)  # (an instance: 3.9 rejects plain and annotated globals) finite start for the running max: exp(NEG_BIG - m) = 0, 0 * (NEG_BIG - m) stays 0
 
 
 @triton.jit
