@@ -24,7 +24,9 @@ import triton.language as tl
 
 from r4b_fast.backends import device_guard
 
-NEG_BIG = tl.constexpr(-1.0e30)  # (an instance: 3.9 rejects plain and annotated globals) finite start for the running max: exp(NEG_BIG - m) = 0, 0 * (NEG_BIG - m) stays 0
+# a tl.constexpr instance: Triton's compiler rejects plain (and, in 3.9, annotated) globals in @jit code.
+# Finite start for the running max: exp(NEG_BIG - m) = 0 and 0 * (NEG_BIG - m) stays 0.
+NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
