@@ -2,7 +2,8 @@
 // kernels/pack_multimodal.py). One block per (sample, slice of the row bytes). The block walks the sample's real
 // tokens in chunks of kThreads (one token per thread), numbers placeholders with block-wide scans carried across
 // chunks (vision row, image index, M-RoPE position shift), then copies the chunk's rows with all threads, in the
-// widest unit (16/8/4/2 bytes) that the row size and pointers allow: the copy is dtype-agnostic.
+// unit the caller chose (16/8/4/2/1 bytes: the widest the row size and pointers allow): the copy is
+// dtype-agnostic. All offsets are int64 (row * row_units passes 2^31 at 600k tokens of D = 4096).
 // C ABI for ctypes (r4b_fast/_cuda_build.py).
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
@@ -155,37 +156,40 @@ bool aligned(const void* p, int64_t unit) { return p == nullptr || reinterpret_c
 
 extern "C" {
 
-// dtype: 0 float32, 1 float16, 2 bfloat16, 3 float64 (only the element size matters: rows are copied as raw bytes).
-// table [V or B*L, D], vision [N_vis, D] (may be null when N_vis = 0), out [T, D]; int32 per-sample arrays
-// first/lens/out_start/vis_start/img_start [B]; int32 per-image arrays img_* [n_img] (null when n_img = 0).
-// Writes indices/src [T] int64, pos [1 or 3, T] int64, deltas [B] int64 (mrope). Returns a cudaError_t.
+// Rows are copied as raw units of unit_bytes (16, 8, 4, 2 or 1), chosen by the caller (copy_unit_bytes in
+// r4b_fast/ops/pack_multimodal.py: the widest unit dividing row_bytes that aligns table, vision and out), so the
+// copy is exact for any dtype. table [V or B*L, row_bytes], vision [N_vis, row_bytes] (may be null when N_vis = 0),
+// out [T, row_bytes]; int32 per-sample arrays first/lens/out_start/vis_start/img_start [B]; int32 per-image arrays
+// img_* [n_img] (null when n_img = 0). Writes indices/src [T] int64, pos [1 or 3, T] int64, deltas [B] int64
+// (mrope). Returns a cudaError_t (cudaErrorInvalidValue for a unit that does not fit the row or the pointers).
 int r4b_pack_multimodal(const void* ids, const void* first, const void* lens, const void* out_start,
                         const void* vis_start, const void* img_start, const void* img_hh, const void* img_ww,
                         const void* img_vis_start, const void* img_shift, const void* table, const void* vision,
-                        void* out, void* indices, void* src, void* pos, void* deltas, int64_t B, int64_t L, int64_t D,
-                        int64_t T, int64_t image_token_id, int mrope, int text_embeds, int dtype, void* stream) {
+                        void* out, void* indices, void* src, void* pos, void* deltas, int64_t B, int64_t L,
+                        int64_t row_bytes, int64_t T, int64_t image_token_id, int mrope, int text_embeds,
+                        int unit_bytes, void* stream) {
   if (B <= 0 || T <= 0) return 0;
-  const int64_t elem = dtype == 3 ? 8 : (dtype == 0 ? 4 : 2);
-  const int64_t row_bytes = D * elem;
-  auto fits = [&](int64_t unit) {
-    return row_bytes % unit == 0 && aligned(table, unit) && aligned(vision, unit) && aligned(out, unit);
-  };
+  const int64_t unit = unit_bytes;
+  if (unit < 1 || unit > 16 || (unit & (unit - 1)) || row_bytes % unit || !aligned(table, unit) ||
+      !aligned(vision, unit) || !aligned(out, unit))
+    return static_cast<int>(cudaErrorInvalidValue);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (fits(16))
-    return launch<uint4>(ids, first, lens, out_start, vis_start, img_start, img_hh, img_ww, img_vis_start, img_shift,
-                         table, vision, out, indices, src, pos, deltas, B, L, row_bytes, T, image_token_id, mrope,
-                         text_embeds, s);
-  if (fits(8))
-    return launch<uint2>(ids, first, lens, out_start, vis_start, img_start, img_hh, img_ww, img_vis_start, img_shift,
-                         table, vision, out, indices, src, pos, deltas, B, L, row_bytes, T, image_token_id, mrope,
-                         text_embeds, s);
-  if (fits(4))
-    return launch<uint32_t>(ids, first, lens, out_start, vis_start, img_start, img_hh, img_ww, img_vis_start,
-                            img_shift, table, vision, out, indices, src, pos, deltas, B, L, row_bytes, T,
-                            image_token_id, mrope, text_embeds, s);
-  return launch<uint16_t>(ids, first, lens, out_start, vis_start, img_start, img_hh, img_ww, img_vis_start, img_shift,
-                          table, vision, out, indices, src, pos, deltas, B, L, row_bytes, T, image_token_id, mrope,
-                          text_embeds, s);
+#define R4B_PACK_LAUNCH(UNIT)                                                                                    \
+  launch<UNIT>(ids, first, lens, out_start, vis_start, img_start, img_hh, img_ww, img_vis_start, img_shift, table, \
+               vision, out, indices, src, pos, deltas, B, L, row_bytes, T, image_token_id, mrope, text_embeds, s)
+  switch (unit) {
+    case 16:
+      return R4B_PACK_LAUNCH(uint4);
+    case 8:
+      return R4B_PACK_LAUNCH(uint2);
+    case 4:
+      return R4B_PACK_LAUNCH(uint32_t);
+    case 2:
+      return R4B_PACK_LAUNCH(uint16_t);
+    default:
+      return R4B_PACK_LAUNCH(uint8_t);
+  }
+#undef R4B_PACK_LAUNCH
 }
 
 const char* r4b_cuda_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }

@@ -21,11 +21,12 @@ from typing import NamedTuple
 
 import torch
 
-from r4b_fast.backends import resolve_backend
+from r4b_fast.backends import device_guard, resolve_backend
 
 OP_BACKENDS = ("torch", "triton", "cuda")
 PREFERRED = {"cpu": ("torch",), "cuda": ("triton", "cuda", "torch")}
 ROPES = ("1d", "mrope")
+TABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class PackedBatch(NamedTuple):
@@ -357,6 +358,26 @@ def _gather_torch(table: torch.Tensor, vision: torch.Tensor, src: torch.Tensor) 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernel backends
 # ----------------------------------------------------------------------------------------------------------------
+COPY_UNITS = (16, 8, 4, 2, 1)  # bytes
+
+
+def copy_unit_bytes(row_bytes: int, tensors, widest: int) -> int:
+    """The widest copy unit (16, 8, 4, 2 or 1 bytes, at most ``widest``) that divides ``row_bytes`` and aligns the
+    data pointer of every non-empty tensor in ``tensors``. Both kernels copy rows as raw units of this size: 16
+    bytes (CUDA) / 8 bytes (Triton) for aligned rows, narrower for odd rows or views at an odd offset. Reads only
+    pointers and sizes: no sync, works on meta tensors.
+
+    Example: ``copy_unit_bytes(2047 * 2, (table,), 16) == 2`` for a bf16 row of D = 2047.
+    """
+    for unit in COPY_UNITS:
+        if unit > widest or row_bytes % unit:
+            continue
+        if all(t.numel() == 0 or (t.data_ptr() % unit == 0 and t.storage_offset() * t.element_size() % unit == 0)
+               for t in tensors):
+            return unit
+    raise AssertionError("unreachable: a 1-byte unit always fits")
+
+
 def _kernel_args(prep: _Prep):
     i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
     vis_counts = prep.is_img.sum(1)
@@ -399,17 +420,12 @@ def _pack_kernel_backend(backend, prep, rope, table, vision, image_token_id, tex
     return out, indices, src, position_ids, rope_deltas
 
 
-_CUDA_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-
-
 def _launch_pack_multimodal_cuda(args, table, vision, out, indices, src, pos, deltas, image_token_id, seq_len,
                                  mrope, text_embeds):  # fmt: skip
     import ctypes
 
     from r4b_fast import _cuda_build
 
-    if table.dtype not in _CUDA_DTYPES:
-        raise TypeError(f"pack_multimodal cuda backend: unsupported dtype {table.dtype}")
     lib = _cuda_build.load_library("pack_multimodal")
     fn = lib.r4b_pack_multimodal
     fn.restype = ctypes.c_int
@@ -417,18 +433,22 @@ def _launch_pack_multimodal_cuda(args, table, vision, out, indices, src, pos, de
     def ptr(t):
         return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else 0)
 
-    stream = torch.cuda.current_stream(table.device).cuda_stream
-    err = fn(
-        ptr(args["ids"]), ptr(args["first"]), ptr(args["lens"]), ptr(args["out_start"]), ptr(args["vis_start"]),
-        ptr(args["img_start"]), ptr(args["img_hh"]), ptr(args["img_ww"]), ptr(args["img_vis_start"]),
-        ptr(args["img_shift"]), ptr(table), ptr(vision), ptr(out), ptr(indices), ptr(src), ptr(pos), ptr(deltas),
-        ctypes.c_int64(args["ids"].shape[0]), ctypes.c_int64(seq_len), ctypes.c_int64(table.shape[1]),
-        ctypes.c_int64(out.shape[0]), ctypes.c_int64(image_token_id), ctypes.c_int(int(mrope)),
-        ctypes.c_int(int(text_embeds)), ctypes.c_int(_CUDA_DTYPES[table.dtype]), ctypes.c_void_p(stream),
-    )  # fmt: skip
+    row_bytes = table.shape[1] * table.element_size()
+    unit = copy_unit_bytes(row_bytes, (table, vision, out), 16)  # the kernel copies raw units of this size
+    with device_guard(out):  # the kernel launches on the current device: make it the tensors'
+        stream = torch.cuda.current_stream(table.device).cuda_stream
+        err = fn(
+            ptr(args["ids"]), ptr(args["first"]), ptr(args["lens"]), ptr(args["out_start"]), ptr(args["vis_start"]),
+            ptr(args["img_start"]), ptr(args["img_hh"]), ptr(args["img_ww"]), ptr(args["img_vis_start"]),
+            ptr(args["img_shift"]), ptr(table), ptr(vision), ptr(out), ptr(indices), ptr(src), ptr(pos),
+            ptr(deltas), ctypes.c_int64(args["ids"].shape[0]), ctypes.c_int64(seq_len), ctypes.c_int64(row_bytes),
+            ctypes.c_int64(out.shape[0]), ctypes.c_int64(image_token_id), ctypes.c_int(int(mrope)),
+            ctypes.c_int(int(text_embeds)), ctypes.c_int(unit), ctypes.c_void_p(stream),
+        )  # fmt: skip
     if err != 0:
         lib.r4b_cuda_error_string.restype = ctypes.c_char_p
         raise RuntimeError(f"pack_multimodal cuda kernel failed: {lib.r4b_cuda_error_string(err).decode()}")
+    return unit
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -585,6 +605,8 @@ def pack_multimodal(
             raise ValueError(f"text_embeds: expected a tensor [B={b_size}, L={seq_len}, D], got {_describe(table)}")
     if not table.dtype.is_floating_point:
         raise TypeError(f"{table_name}: expected a floating-point tensor, got dtype {table.dtype}")
+    if table.dtype not in TABLE_DTYPES:
+        raise TypeError(f"{table_name}: dtype {table.dtype} is not supported; expected one of {TABLE_DTYPES}")
     if table.device != dev:
         raise ValueError(f"{table_name}: on device {table.device}, but input_ids are on {dev}")
     d = table.shape[-1]
