@@ -145,7 +145,7 @@ def _describe(fn, args: tuple, kwargs: dict, mock_cls):
     for k, v in kwargs.items():
         (bound if k in names else options)[k] = v
     defaults = {p.name: p.default for p in params}
-    key, features, floats = [], {}, set()
+    key, features, floats, ints = [], {}, set(), set()
     for p in params:
         if p.name not in bound:
             if defaults[p.name] is inspect.Parameter.empty:
@@ -159,8 +159,7 @@ def _describe(fn, args: tuple, kwargs: dict, mock_cls):
             dt = str(v.dtype).removeprefix("torch.")
             aligned = v.offset_bytes % 16 == 0
             key.append((p.name, "t", dt, aligned))
-            if v.dtype.is_floating_point:
-                floats.add(dt)
+            (floats if v.dtype.is_floating_point else ints).add(dt)
             if not aligned:
                 features[p.name] = "unaligned"
         elif isinstance(v, bool) or v is None or isinstance(v, float):
@@ -174,7 +173,8 @@ def _describe(fn, args: tuple, kwargs: dict, mock_cls):
     for k in sorted(options):
         key.append((k, "opt", repr(options[k])))
         features[k] = _short(options[k])
-    features["dtypes"] = "+".join(sorted(_SHORT_DTYPE.get(d, d) for d in floats) or ["-"])
+    # the floating dtypes tell a variant apart; kernels without any (copies in integer units): the integer ones
+    features["dtypes"] = "+".join(sorted(_SHORT_DTYPE.get(d, d) for d in (floats or ints)) or ["-"])
     low = any(d in LOW_PRECISION for d in floats)
     return (fn.module, fn.__name__, tuple(key)), features, low
 
@@ -615,10 +615,12 @@ def main(argv: list | None = None) -> int:
     warned = [r for r in records if r["warnings"]]
     for r in warned:
         print(f"WARNING sm_{r['arch']} {r['kernel']} [{r['variant']}]: {'; '.join(r['warnings'])} (not bf16/fp16)")
+    shown = set()
     for r in failed:
         print(f"FAILED sm_{r['arch']} {r['kernel']} [{r['variant']}] ({r['module']}): {'; '.join(r['problems'])}",
               file=sys.stderr)
-        if not r.get("ok"):
+        if not r.get("ok") and r.get("error") not in shown:  # the full message once per distinct error
+            shown.add(r.get("error"))
             print("    " + r.get("error", "").strip().replace("\n", "\n    ")[-2500:], file=sys.stderr)
     for err in rec.errors:
         print(f"ERROR {err.splitlines()[0]}", file=sys.stderr)
