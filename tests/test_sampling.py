@@ -185,6 +185,246 @@ def test_greedy_and_low_precision():
     assert tokens[1] == 123_456 and 0 <= tokens[0] < 200_000
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-block rows, low precision, min_p = 1, rows with nothing to sample, devices
+# ---------------------------------------------------------------------------------------------------------------
+def _expected_tokens(logits, params, u):
+    """The reference's inverse CDF in vocabulary order for the uniforms ``u`` (greedy rows: the first argmax) and a
+    mask of rows whose uniform sits within rounding of a CDF boundary (either side is right there)."""
+    q = filtered_probs_ref(logits, **params)
+    cdf = q.cumsum(1)
+    expected = torch.searchsorted(cdf, u.double()[:, None], right=True).clamp(max=logits.shape[1] - 1)[:, 0]
+    greedy = params["temperature"] == 0
+    expected = torch.where(greedy, logits.argmax(1), expected)
+    near = (cdf - u.double()[:, None]).abs().min(1).values < 1e-5
+    return expected, near
+
+
+def _mixed_params(B, V):
+    """Per-row filters over a batch: greedy rows, top-k (small and near V), top-p, min-p, all at once, plain."""
+    i = torch.arange(B)
+    return dict(temperature=torch.where(i % 9 == 0, 0.0, 0.8 + (i % 5) * 0.1),
+                top_k=torch.where(i % 4 == 1, (1 + i * 37) % V, torch.where(i % 8 == 0, 40, 0)),
+                top_p=torch.where(i % 4 == 2, 0.7, torch.where(i % 8 == 0, 0.9, 1.0)),
+                min_p=torch.where(i % 4 == 3, 0.05, torch.where(i % 8 == 0, 0.01, 0.0)))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_multi_block_rows_against_reference(backend_device):
+    """B = 64 rows of V = 2 * 1024 + 77 tokens: three blocks of the kernels' BLOCK (1024), so every loop of the
+    kernels (max / log-sum-exp, both threshold searches, the inverse-CDF scan with its carried running sum) crosses
+    block boundaries; the torch backend sees the same batch with 64 candidates (most rows take the histogram path)."""
+    backend, device = backend_device
+    B, V = 64, 2 * 1024 + 77
+    gen = torch.Generator().manual_seed(21)
+    logits = torch.randn(B, V, generator=gen) * 2
+    logits[5, 1500:] = -float("inf")  # masked tail, across a block boundary
+    logits[7, :1100] = -float("inf")  # masked head: the row's mass starts in the second block
+    logits[9, 2000] = logits[9].max() + 0.0  # a tie at the max in the last block: greedy takes the first
+    params = _mixed_params(B, V)
+    u = torch.rand(B, generator=gen)
+    tokens, logprobs = sample(logits.to(device), uniforms=u.to(device), backend=backend,
+                              **{k: v.to(device) for k, v in params.items()})  # fmt: skip
+    expected, near = _expected_tokens(logits, params, u)
+    assert ((tokens.cpu() == expected) | near).all(), (tokens.cpu() != expected).nonzero()
+    assert (tokens.cpu() == expected).float().mean() > 0.9
+    t = torch.where(params["temperature"] == 0, 1.0, params["temperature"])
+    want = torch.log_softmax(logits / t[:, None], -1).gather(1, tokens.cpu()[:, None])[:, 0]
+    torch.testing.assert_close(logprobs.cpu(), want)
+
+
+def test_multi_block_torch_histogram_path(monkeypatch):
+    """The torch backend with few candidates: rows go through the flat-row test and the histogram thresholds."""
+    monkeypatch.setattr(sampling, "CANDIDATES", 64)
+    test_multi_block_rows_against_reference(("torch", "cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_low_precision_logits_through_the_kernels(backend_device, dtype):
+    """bf16 / fp16 logits read by the kernels in their own dtype (upcast in registers), over several blocks: the
+    same tokens as the reference on the upcast logits, log-probs of the upcast logits."""
+    backend, device = backend_device
+    B, V = 16, 2 * 1024 + 77
+    gen = torch.Generator().manual_seed(22)
+    logits = (torch.randn(B, V, generator=gen) * 3).to(dtype)
+    params = _mixed_params(B, V)
+    u = torch.rand(B, generator=gen)
+    tokens, logprobs = sample(logits.to(device), uniforms=u.to(device), backend=backend,
+                              **{k: v.to(device) for k, v in params.items()})  # fmt: skip
+    ref_logits = logits.float()
+    expected, near = _expected_tokens(ref_logits, params, u)
+    assert ((tokens.cpu() == expected) | near).all()
+    t = torch.where(params["temperature"] == 0, 1.0, params["temperature"])
+    want = torch.log_softmax(ref_logits / t[:, None], -1).gather(1, tokens.cpu()[:, None])[:, 0]
+    torch.testing.assert_close(logprobs.cpu(), want)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_min_p_one_returns_the_argmax(backend_device):
+    """min_p = 1 keeps only the tokens at the max: ``e == 1`` exactly there in every pass (the kernels compute
+    ``exp((l - max) / T)``, which no compiler contracts into an FMA), so the argmax always passes."""
+    backend, device = backend_device
+    B, V = 24, 2 * 1024 + 77  # B >= 64 runs in test_multi_block_rows_against_reference (the interpreter is slow)
+    gen = torch.Generator().manual_seed(23)
+    logits = torch.randn(B, V, generator=gen) * 3
+    temperature = 0.3 + torch.rand(B, generator=gen) * 2  # awkward 1 / T: products that round
+    for rows, top_p, top_k in ((B, 1.0, 0), (8, 0.5, 5)):  # with the threshold searches: fewer rows (interpreter)
+        lg, t = logits[:rows], temperature[:rows]
+        tokens, logprobs = sample(lg.to(device), temperature=t.to(device), min_p=1.0, top_p=top_p, top_k=top_k,
+                                  generator=torch.Generator().manual_seed(0), backend=backend)
+        assert torch.equal(tokens.cpu(), lg.argmax(1))
+        want = torch.log_softmax(lg / t[:, None], -1).gather(1, lg.argmax(1)[:, None])[:, 0]
+        torch.testing.assert_close(logprobs.cpu(), want)
+    # ties at the max: min_p = 1 keeps both, each drawn
+    tied = torch.zeros(32, 300)
+    tied[:, 17] = tied[:, 260] = 5.0
+    tokens, _ = sample(tied.to(device), min_p=1.0, generator=torch.Generator().manual_seed(1), backend=backend)
+    assert set(tokens.cpu().tolist()) == {17, 260}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf / NaN rows
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_rows_with_nothing_to_sample_never_give_an_invalid_index(backend_device):
+    """With check_values=False (sample_with_modes' default), every backend agrees: a row with no finite logit
+    (all NaN, all -inf) returns the first index of its max -- 0 -- with a NaN log-prob (the flag), a row with +inf
+    its first +inf, NaN logits elsewhere act as -inf, and temperatures too small for ``l / T`` in float32 sample
+    the argmax with a finite log-prob. Never an index outside [0, V)."""
+    backend, device = backend_device
+    B, V = 8, 1100  # two blocks
+    logits = torch.randn(B, V, generator=torch.Generator().manual_seed(24))
+    logits[0] = float("nan")
+    logits[1] = -float("inf")
+    logits[2, 700] = float("inf")
+    logits[2, 900] = float("inf")
+    logits[3, ::2] = float("nan")  # NaN as masks: sampled among the odd tokens
+    temperature = torch.tensor([1.0, 1.0, 1.0, 1.0, 1e-39, 1e-38, 1e-30, 0.0])
+    for kw in (dict(), dict(top_p=0.9, top_k=50, min_p=0.1)):
+        tokens, logprobs = sample(logits.to(device), temperature=temperature.to(device), check_values=False,
+                                  generator=torch.Generator().manual_seed(2), backend=backend, **kw)
+        tokens, logprobs = tokens.cpu(), logprobs.cpu()
+        assert ((tokens >= 0) & (tokens < V)).all(), tokens
+        assert tokens[:3].tolist() == [0, 0, 700]
+        assert logprobs[:3].isnan().all()
+        assert tokens[3] % 2 == 1 and logprobs[3].isfinite()
+        torch.testing.assert_close(tokens[4:], logits[4:].argmax(1))
+        assert logprobs[4:].isfinite().all() and (logprobs[4:7] == 0).all()
+    # through the rollout path (check_values=False by default)
+    st = ModeState.create([Mode.AUTO] * B, [1], [2], [3], eos_id=4, pad_id=5, device=device)
+    step = sample_with_modes(logits.to(device), st, temperature=temperature.to(device), backend=backend,
+                             generator=torch.Generator().manual_seed(3))
+    assert ((step.tokens.cpu() >= 0) & (step.tokens.cpu() < V)).all()
+    with pytest.raises(ValueError, match="NaN or .inf"):
+        sample(logits.to(device), backend=backend)
+
+
+def test_tiny_temperature_forced_logprobs_are_finite():
+    """Forced tokens' log-probs use the same ``(l - max) / T - log Z`` as sampled ones: finite for any T > 0."""
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(25)) * 3
+    st = ModeState.create([Mode.THINK, Mode.NO_THINK], [7, 1], [7, 2, 8, 2], [1, 8, 2], eos_id=9, pad_id=0)
+    for t in (1e-30, 1e-39):
+        step = sample_with_modes(logits, st, temperature=t)
+        want = torch.log_softmax(logits.double() / t, -1).gather(1, step.tokens[:, None])[:, 0].float()
+        assert not step.logprobs.isnan().any()
+        torch.testing.assert_close(step.logprobs, want)
+    step = sample_with_modes(logits, st, temperature=0.7)
+    torch.testing.assert_close(step.logprobs, torch.log_softmax(logits / 0.7, -1).gather(1, step.tokens[:, None])[:, 0])
+
+
+def _rows_for_thresholds():
+    gen = torch.Generator().manual_seed(26)
+    V = 3000
+    flat = torch.randn(4, V, generator=gen)
+    peaked = torch.randn(4, V, generator=gen) * 5
+    ties = torch.randint(-3, 2, (4, V), generator=gen).float()  # many exact ties
+    masked = torch.randn(4, V, generator=gen)
+    masked[:, ::3] = -float("inf")
+    x = torch.cat([flat, peaked, ties, masked])
+    return torch.exp(x - x.amax(1, keepdim=True))
+
+
+def test_histogram_thresholds_equal_the_bisection():
+    """The CPU histogram search (``_hist_threshold``) returns the same float32 thresholds as the exact 31-pass
+    bisection on the bit pattern (the device path), for counts and for masses, at random targets."""
+    e = _rows_for_thresholds()
+    b = e.shape[0]
+    gen = torch.Generator().manual_seed(27)
+    bins = (e.view(torch.int32) >> sampling._HIST_SHIFT).long()
+    k = torch.randint(1, 2500, (b,), generator=gen)
+    t_count = sampling._hist_threshold(e, bins, (e > 0).float(), k.float())
+    ref_count = sampling._bisect_threshold(e, lambda keep: (keep & (e > 0)).sum(1) >= k)
+    assert torch.equal(t_count, ref_count)
+    for frac in (0.05, 0.5, 0.9, 0.999):
+        need = frac * e.sum(1)
+        t_mass = sampling._hist_threshold(e, bins, e, need)
+        ref_mass = sampling._bisect_threshold(e, lambda keep, need=need: torch.where(keep, e, 0).sum(1) >= need)
+        # the two sum in different orders: a threshold may differ only where the target is within rounding
+        diff = t_mass != ref_mass
+        for r in diff.nonzero()[:, 0].tolist():
+            lo, hi = sorted((t_mass[r].item(), ref_mass[r].item()))
+            between = e[r][(e[r] >= lo) & (e[r] <= hi)].sum().item()
+            assert between <= 1e-5 * e[r].sum().item() + e[r][e[r] >= lo].min().item(), (r, frac)
+
+
+def test_device_and_cpu_fallback_paths_agree():
+    """The torch backend's full-vocabulary paths, bisection (GPU: no host sync) and histogram (CPU), draw the same
+    tokens from the same uniforms."""
+    e = _rows_for_thresholds()
+    b, V = e.shape
+    gen = torch.Generator().manual_seed(28)
+    top_k = torch.where(torch.arange(b) % 2 == 0, torch.randint(1, V, (b,), generator=gen), 0)
+    top_p = torch.where(torch.arange(b) % 3 == 0, 1.0, 0.85)
+    min_p = torch.where(torch.arange(b) % 5 == 0, 0.02, 0.0)
+    u = torch.rand(b, generator=gen)
+    a = sampling._bisect_rows(e, top_k, top_p, min_p, u)
+    h = sampling._hist_rows(e, e.sum(1), top_k, top_p, min_p, u)
+    assert (a == h).float().mean() >= 0.9 and (e.gather(1, h[:, None]) > 0).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_tensor_on_another_gpu_than_the_current_one(backend):
+    """Launchers run on the tensors' device (device_guard), not the current one: logits on cuda:1 while cuda:0 is
+    current give the torch backend's tokens."""
+    from r4b_fast.backends import not_supported_reasons
+
+    reasons = not_supported_reasons(backend, "cuda")
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    B, V = 64, 2 * 1024 + 77
+    logits = torch.randn(B, V, generator=torch.Generator().manual_seed(29))
+    params = _mixed_params(B, V)
+    u = torch.rand(B, generator=torch.Generator().manual_seed(30))
+    want, want_lp = sample(logits, uniforms=u, backend="torch", **params)
+    with torch.cuda.device(0):
+        tokens, logprobs = sample(logits.to("cuda:1"), uniforms=u.to("cuda:1"), backend=backend,
+                                  **{k: v.to("cuda:1") for k, v in params.items()})  # fmt: skip
+        torch.cuda.synchronize(1)
+    assert tokens.device == torch.device("cuda:1")
+    assert (tokens.cpu() == want).float().mean() > 0.9
+    torch.testing.assert_close(logprobs.cpu(), want_lp)
+
+
+def test_aot_scenarios_launch_on_meta_tensors(monkeypatch):
+    """kernels.sampling.aot_scenarios() calls the real launcher with meta tensors (no host reads in it): every
+    (dtype, BLOCK, num_warps) combination it can produce, recorded instead of run."""
+    from r4b_fast.kernels import sampling as K
+
+    calls = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        calls.append((self, args, kwargs))
+
+    monkeypatch.setattr(type(K._sample_kernel), "run", record)
+    K.aot_scenarios()
+    assert {c[0] for c in calls} == {K._sample_kernel}
+    combos = {(c[1][0].dtype, c[2]["BLOCK"], c[2]["num_warps"]) for c in calls}
+    dtypes = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+    assert combos == {(dt, blk, nw) for dt in dtypes for blk, nw in ((1024, 8), (128, 4))}
+    assert all(a.device.type == "meta" for c in calls for a in c[1] if isinstance(a, torch.Tensor))
+    assert K.block_size(151936) == 1024 and K.block_size(100) == 128
+
+
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
