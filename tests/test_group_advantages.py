@@ -278,3 +278,103 @@ def test_public_example_in_docstring():
     for t in finder.find(mod.group_advantages, "group_advantages", globs={}):
         runner.run(t)
     assert runner.failures == 0 and runner.tries > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# multi-block paths: groups longer than the kernels' block (Triton 1024, a CUDA warp 32) next to many short ones
+# ---------------------------------------------------------------------------------------------------------------
+OPTIONS = [
+    dict(estimator="grpo"),
+    dict(estimator="rloo", unbiased=False),
+    dict(estimator="drgrpo", nonfinite="zero"),
+    dict(estimator="grpo", scale="batch"),
+    dict(estimator="bpo"),
+]
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("kw", OPTIONS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_long_fixed_groups(backend_device, kw):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(1)
+    n_groups, size = 4, 2500  # 3 Triton blocks per pass, 79 CUDA warp steps
+    n = n_groups * size
+    rewards = torch.randn(n, generator=gen, dtype=torch.float64) * 2 + 1
+    if kw.get("nonfinite") == "zero":
+        rewards[torch.randperm(n, generator=gen)[:50]] = float("nan")
+    rewards[size : 2 * size] = 0.25  # one zero-signal long group
+    modes = (torch.arange(n) % 3).long()
+    out = group_advantages(rewards.to(device), size, modes=modes.to(device), backend=backend, **kw)
+    _check_against_ref(out, rewards, torch.arange(n) // size, n_groups, modes, **kw)
+    assert int(out.zero_signal_groups) == 1
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("kw", OPTIONS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_long_and_many_ragged_groups(backend_device, kw):
+    """100 interleaved groups: 97 of 2-9 rollouts and three of 1025, 2049 and 2100 (over 2 and 3 blocks)."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(2)
+    sizes = torch.randint(2, 10, (100,), generator=gen)
+    sizes[[7, 50, 99]] = torch.tensor([1025, 2049, 2100])
+    group_index = torch.repeat_interleave(torch.arange(100), sizes)
+    group_index = group_index[torch.randperm(group_index.numel(), generator=gen)]
+    n = group_index.numel()
+    rewards = torch.randint(0, 5, (n,), generator=gen).double() * 0.5
+    if kw.get("nonfinite") == "zero":
+        rewards[torch.randperm(n, generator=gen)[:40]] = float("inf")
+    # each group holds both thinking (1) and non-thinking (0) rollouts: alternate within the group
+    rank = torch.zeros(n, dtype=torch.long)
+    order = torch.argsort(group_index, stable=True)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank[order] = torch.arange(n) - torch.repeat_interleave(starts, sizes)
+    modes = rank % 2
+    out = group_advantages(rewards.to(device), group_index=group_index.to(device), num_groups=100,
+                           modes=modes.to(device), backend=backend, **kw)
+    _check_against_ref(out, rewards, group_index, 100, modes, **kw)
+
+
+try:  # the kernel's own bounds helper, called from a probe kernel (module level: @jit resolves module globals)
+    import triton
+    import triton.language as tl
+
+    from r4b_fast.kernels.group_advantages import _segment_bounds
+
+    @triton.jit
+    def _bounds_probe_kernel(groups_ptr, offsets_ptr, out_ptr, n, group_size, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        g = tl.load(groups_ptr + i, mask=i < n, other=0)  # int32, as a program id is
+        start, end = _segment_bounds(g, offsets_ptr, group_size, False)
+        tl.store(out_ptr + i, start, mask=i < n)
+        tl.store(out_ptr + BLOCK + i, end, mask=i < n)
+except ImportError:
+    _bounds_probe_kernel = None
+
+
+@pytest.mark.skipif(not [p for p in BACKENDS if p.id == "triton" and not p.marks], reason="triton cannot run here")
+def test_segment_bounds_are_64_bit_past_2_31():
+    """Fixed groups of 4096 at group ids past 2^31 / 4096: ``g * group_size`` in int32 would wrap."""
+    from conftest import DEVICE
+
+    groups = torch.tensor([0, 3, 524287, 524288, 600000, 2**31 - 1], dtype=torch.int32)
+    out = torch.zeros(16, dtype=torch.int64, device=DEVICE)
+    _bounds_probe_kernel[(1,)](groups.to(DEVICE), out, out, 6, 4096, BLOCK=8)
+    g64 = groups.long()
+    assert out[:6].cpu().tolist() == (g64 * 4096).tolist()
+    assert out[8:14].cpu().tolist() == (g64 * 4096 + 4096).tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend_device", [p for p in BACKENDS if p.id != "torch"])
+def test_tensors_on_another_gpu(backend_device):
+    """A launch must follow the tensors (device guard), not the current device."""
+    backend, _ = backend_device
+    gen = torch.Generator().manual_seed(3)
+    rewards = torch.randn(64 * 16, generator=gen)
+    modes = (torch.arange(64 * 16) % 2).long()
+    dev = torch.device("cuda", 1)
+    assert torch.cuda.current_device() == 0
+    out = group_advantages(rewards.to(dev), 16, modes=modes.to(dev), estimator="bpo", backend=backend)
+    torch.cuda.synchronize(dev)
+    assert out.advantages.device == dev
+    _check_against_ref(out, rewards, torch.arange(64 * 16) // 16, 64, modes, estimator="bpo")

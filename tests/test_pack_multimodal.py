@@ -393,3 +393,150 @@ def test_grid_that_does_not_match_each_image_is_rejected():
     out = pack_multimodal(ids, torch.ones_like(ids), torch.randn(VOCAB, 4), torch.randn(6, 4), image_token_id=IMG,
                           rope="mrope", image_grid_thw=grid.flip(0))  # fmt: skip
     assert out.position_ids.shape == (3, 12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# multi-block paths: samples over 256 tokens (several Triton BLOCK_T steps and CUDA 256-token chunks), rows over
+# several slices (Triton 256 bytes, CUDA 512 bytes) and every copy width the launchers choose
+# ---------------------------------------------------------------------------------------------------------------
+# (dtype, D, storage offset of the table in elements, copy width in bytes that copy_unit_bytes must choose)
+WIDTH_CASES = [
+    (torch.bfloat16, 296, 0, 16),  # 592-byte rows
+    (torch.float32, 150, 0, 8),  # 600 bytes: 8-aligned, not 16
+    (torch.bfloat16, 298, 0, 4),  # 596 bytes
+    (torch.float16, 297, 0, 2),  # 594 bytes
+    (torch.bfloat16, 296, 1, 2),  # 16-byte rows, but the table view starts 2 bytes into its storage
+    (torch.float64, 76, 0, 16),  # 608 bytes
+]
+
+
+def _long_batch(seed):
+    """Three samples, the longest well over 256 tokens, images of 32-64 placeholders, left and right padding."""
+    ids, mask, grid = make_batch((3, 0, 2), seed, max_text=150, grids=[(1, 16, 16), (1, 12, 20), (2, 8, 8)])
+    assert int(mask.sum(1).max()) > 300
+    return ids, mask, grid
+
+
+def _spy_widths(monkeypatch):
+    """Record the copy width each launcher chose (copy_unit_bytes is looked up in both modules)."""
+    import r4b_fast.ops.pack_multimodal as ops_mod
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(ops_mod.copy_unit_bytes.__wrapped__(*args, **kwargs))
+        return seen[-1]
+
+    spy.__wrapped__ = ops_mod.copy_unit_bytes
+    monkeypatch.setattr(ops_mod, "copy_unit_bytes", spy)
+    try:
+        import r4b_fast.kernels.pack_multimodal as kmod
+
+        monkeypatch.setattr(kmod, "copy_unit_bytes", spy)
+    except ImportError:  # no triton: only the cuda launcher can run
+        pass
+    return seen
+
+
+def test_width_cases_cover_every_copy_width():
+    from r4b_fast.ops.pack_multimodal import COPY_UNITS, copy_unit_bytes
+
+    widths = set()
+    for dtype, d, offset, want in WIDTH_CASES:
+        table = torch.zeros(VOCAB * d + offset, dtype=dtype)[offset:].view(VOCAB, d)
+        got = copy_unit_bytes(d * table.element_size(), (table,), 16)
+        assert got == want, (dtype, d, offset)
+        widths.add(got)
+    # 1-byte copies need 1-byte elements, which pack_multimodal rejects
+    assert widths == set(COPY_UNITS) - {1}
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("dtype,d,offset,width", WIDTH_CASES)
+@pytest.mark.parametrize("rope,source", [("mrope", "embed_weight"), ("1d", "text_embeds")])
+def test_multi_block_every_copy_width(backend_device, dtype, d, offset, width, rope, source, monkeypatch):
+    backend, device = backend_device
+    ids, mask, grid = _long_batch(30 + d)
+    gen = torch.Generator().manual_seed(d)
+    rows = VOCAB if source == "embed_weight" else ids.numel()
+    storage = torch.randn(rows * d + offset, generator=gen).to(dtype).to(device)
+    table = storage[offset:].view(rows, d)
+    vision = torch.randn(_n_vis(ids, mask), d, generator=gen).to(dtype)
+    table_cpu = table.cpu() if source == "embed_weight" else table.cpu().view(*ids.shape, d)
+    kw = dict(image_token_id=IMG, rope=rope, image_grid_thw=grid if rope == "mrope" else None)
+    ref_embeds, ref_pos, ref_cu, ref_deltas = pack_multimodal_ref(
+        ids, mask, table_cpu, vision, text_embeds=source == "text_embeds", **kw
+    )
+    seen = _spy_widths(monkeypatch)
+    arg = table if source == "embed_weight" else table.view(*ids.shape, d)
+    out = pack_multimodal(ids.to(device), mask.to(device), vision_embeds=vision.to(device), backend=backend,
+                          **{source: arg}, **{**kw, "image_grid_thw": None if rope == "1d" else grid.to(device)})
+    if backend != "torch":  # both launchers choose the same width (Triton moves 16-byte copies as int64 pairs)
+        assert seen == [width]
+    assert torch.equal(out.inputs_embeds.cpu(), ref_embeds)  # a copy: bit-exact
+    assert torch.equal(out.position_ids.cpu(), ref_pos)
+    assert torch.equal(out.cu_seqlens.cpu(), ref_cu)
+    if rope == "mrope":
+        assert torch.equal(out.rope_deltas.cpu(), ref_deltas)
+
+
+def test_fp8_tables_are_rejected():
+    ids, mask, _ = make_batch((0,), 1)
+    with pytest.raises(TypeError, match="embed_weight: dtype torch.float8_e4m3fn is not supported"):
+        pack_multimodal(ids, mask, torch.zeros(VOCAB, 4).to(torch.float8_e4m3fn), image_token_id=IMG)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# offsets near 2^31: the kernels' index helpers, run by a probe kernel (interpreted here, compiled on a GPU)
+# ---------------------------------------------------------------------------------------------------------------
+try:  # the kernels' own index helpers, called from a probe kernel (module level: @jit resolves module globals)
+    import triton
+    import triton.language as tl
+
+    from r4b_fast.kernels.pack_multimodal import _flat_index, _row_offset
+
+    @triton.jit
+    def _offset_probe_kernel(rows_ptr, out_ptr, flat_ptr, n, R, L, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        rows = tl.load(rows_ptr + i, mask=i < n, other=0)  # int32
+        tl.store(out_ptr + i, _row_offset(rows, R), mask=i < n)
+        tl.store(flat_ptr + i, _flat_index(rows, L, rows * 0 + 5, i), mask=i < n)
+except ImportError:
+    _offset_probe_kernel = None
+
+
+@pytest.mark.skipif(not [p for p in BACKENDS if p.id == "triton" and not p.marks], reason="triton cannot run here")
+def test_row_offsets_are_64_bit_past_2_31():
+    """600k packed tokens of D = 4096 (and a padded batch of 300k x 8192): int32 products would wrap. The inputs
+    arrive as int32, as the kernel's per-sample arrays and program ids do."""
+    from conftest import DEVICE
+
+    rows = torch.tensor([1, 524287, 524288, 600000, 2**31 // 4096 + 7, 2**31 - 1], dtype=torch.int32)
+    out = torch.zeros(6, dtype=torch.int64, device=DEVICE)
+    flat = torch.zeros(6, dtype=torch.int64, device=DEVICE)
+    _offset_probe_kernel[(1,)](rows.to(DEVICE), out, flat, 6, 4096, 8192, BLOCK=8)
+    r64 = rows.long()
+    assert out.cpu().tolist() == (r64 * 4096).tolist()
+    assert flat.cpu().tolist() == (r64 * 8192 + 5 + torch.arange(6)).tolist()
+    assert (out.cpu()[3:] > 2**31).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a tensor on another GPU than the current one: the launch must follow the tensors (device guard)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend_device", [p for p in BACKENDS if p.id != "torch"])
+def test_tensors_on_another_gpu(backend_device):
+    backend, _ = backend_device
+    ids, mask, grid = _long_batch(5)
+    weight = torch.randn(VOCAB, 296).to(torch.bfloat16)
+    vision = torch.randn(_n_vis(ids, mask), 296).to(torch.bfloat16)
+    ref = pack_multimodal_ref(ids, mask, weight, vision, image_token_id=IMG, rope="mrope", image_grid_thw=grid)
+    dev = torch.device("cuda", 1)
+    assert torch.cuda.current_device() == 0
+    out = pack_multimodal(ids.to(dev), mask.to(dev), weight.to(dev), vision.to(dev), image_token_id=IMG,
+                          rope="mrope", image_grid_thw=grid.to(dev), backend=backend)
+    torch.cuda.synchronize(dev)
+    assert out.inputs_embeds.device == dev
+    assert torch.equal(out.inputs_embeds.cpu(), ref[0])
+    assert torch.equal(out.position_ids.cpu(), ref[1])
