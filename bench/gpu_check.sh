@@ -34,13 +34,21 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
     exit 2
 fi
 
-# Per-stage limits, seconds: they add up to 460 so that the run, summary included, stays under 8 minutes.
+# Time limits, seconds. The whole run gets BUDGET (8 minutes less a margin for a stage's grace period after its signal
+# and the summary). install, versions and render have fixed caps; tests get what is left after reserving T_BENCH,
+# T_RENDER and T_BPO; bench gets what is left after reserving render and bpo; bpo the rest.
+BUDGET=${BUDGET:-445}
 T_INSTALL=${T_INSTALL:-60}
 T_VERSIONS=${T_VERSIONS:-20}
-T_TESTS=${T_TESTS:-190}
 T_BENCH=${T_BENCH:-110}
 T_RENDER=${T_RENDER:-10}
 T_BPO=${T_BPO:-70}
+# left RESERVED: seconds of the budget still unspent, less RESERVED (at least 10)
+left() {
+    local l=$((BUDGET - ($(date +%s) - START) - $1))
+    [ "$l" -lt 10 ] && l=10
+    echo "$l"
+}
 
 # no network: never wait on the hub
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -51,7 +59,7 @@ printf 'stage\trc\tseconds\ttimed_out\tlimit_s\n' >"$OUT/stages.tsv"
 FAILED=0
 
 # stage NAME LIMIT SIGNAL CMD...: run CMD under `timeout` (SIGNAL first: INT lets pytest still write its junit/JSON
-# reports; KILL 15 s later), log to OUTDIR/NAME.log, record the status.
+# reports; KILL 10 s later), log to OUTDIR/NAME.log, record the status.
 stage() {
     local name=$1 limit=$2 sig=$3
     shift 3
@@ -61,7 +69,7 @@ stage() {
     if declare -F "$1" >/dev/null; then  # a shell function: timeout runs programs, so through bash
         set -- bash -c "$*"
     fi
-    timeout --signal="$sig" --kill-after=15 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout --signal="$sig" --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
     rc=$?
     local secs
     secs=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
@@ -94,12 +102,19 @@ try:
     print("transformers", transformers.__version__)
 except ImportError as err:
     print("transformers missing:", err)
-for name in ("pytest", "pytest_benchmark", "liger_kernel", "flash_attn", "xformers"):
+from importlib import metadata
+for dist, mod in (("pytest", "pytest"), ("pytest-benchmark", "pytest_benchmark"), ("liger-kernel", "liger_kernel"),
+                  ("flash-attn", "flash_attn"), ("xformers", "xformers")):
     try:
-        mod = __import__(name)
-        print(name, getattr(mod, "__version__", "?"))
+        version = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        print(mod, "not installed")
+        continue
+    try:
+        __import__(mod)
+        print(mod, version)
     except Exception as err:  # noqa: BLE001
-        print(name, "not importable:", type(err).__name__)
+        print(mod, version, "(import fails:", type(err).__name__ + ")")
 print("gpu", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability(),
       "count", torch.cuda.device_count())
 EOF
@@ -109,11 +124,11 @@ export -f versions
 stage versions "$T_VERSIONS" TERM versions
 cp "$OUT/versions.log" "$OUT/versions.txt" 2>/dev/null
 
-stage tests "$T_TESTS" INT "$PY" -m pytest tests/ -q -rfEs --durations=15 --junitxml="$OUT/junit.xml" \
-    -p no:cacheprovider
+stage tests "$(left $((T_BENCH + T_RENDER + T_BPO)))" INT \
+    "$PY" -m pytest tests/ -q -rfEs --durations=15 --junitxml="$OUT/junit.xml" -p no:cacheprovider
 
-stage bench "$T_BENCH" INT "$PY" -m pytest bench/ --benchmark-only -q --benchmark-json="$OUT/bench.json" \
-    -p no:cacheprovider
+stage bench "$(left $((T_RENDER + T_BPO)))" INT \
+    "$PY" -m pytest bench/ --benchmark-only -q --benchmark-json="$OUT/bench.json" -p no:cacheprovider
 
 render() {
     if [ ! -s "$OUT/bench.json" ]; then
@@ -126,7 +141,7 @@ export -f render
 stage render "$T_RENDER" TERM render
 
 # The shipped tiny model and the embedded task (no datasets); small evaluation so that 20 steps fit.
-stage bpo "$T_BPO" TERM "$PY" -m r4b_fast.training.bpo --device cuda --steps 20 --output-dir "$OUT/bpo" \
+stage bpo "$(left 0)" TERM "$PY" -m r4b_fast.training.bpo --device cuda --steps 20 --output-dir "$OUT/bpo" \
     --eval-items 16 --eval-every 20 --save-every 20 --log-every 5
 
 END=$(date +%s)

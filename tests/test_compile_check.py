@@ -316,3 +316,31 @@ def test_gpu_check_fails_at_once_without_gpu(tmp_path):
     # nothing installed or run: only the probe's log and the summary saying why
     assert sorted(p.name for p in out.iterdir()) == ["gpu_probe.log", "summary.md"]
     assert "no CUDA GPU" in (out / "summary.md").read_text()
+
+
+def test_gpu_report_summary(tmp_path):
+    """bench/gpu_report.py on the files the stages leave: counts from the junit xml, stage table, BPO metrics."""
+    (tmp_path / "stages.tsv").write_text("stage\trc\tseconds\ttimed_out\tlimit_s\ninstall\t0\t3.1\t0\t60\n"
+                                         "tests\t124\t190.2\t1\t190\nbpo\t0\t41.0\t0\t70\n")
+    (tmp_path / "versions.txt").write_text("NVIDIA H200, 570.1, 143771 MiB, 9.0\ntorch 2.11.0 cuda 12.8\n"
+                                           "triton 3.6.0\ngpu NVIDIA H200 capability (9, 0) count 1\n")
+    (tmp_path / "junit.xml").write_text(
+        '<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="5" failures="1" errors="1" skipped="1" '
+        'time="12.5"><testcase classname="tests.test_a" name="test_ok"/>'
+        '<testcase classname="tests.test_a" name="test_bad"><failure message="assert 1 == 2">x</failure></testcase>'
+        '<testcase classname="tests.test_b" name="test_err"><error message="CUDA error">y</error></testcase>'
+        '</testsuite></testsuites>')
+    (tmp_path / "bench.md").write_text("### sample B=512\n\n| impl | mean |\n|---|---|\n| triton | 1 ms |\n")
+    (tmp_path / "bpo").mkdir()
+    (tmp_path / "bpo" / "metrics.jsonl").write_text('{"step": 19, "loss": 0.5}\n{"step": 20, "loss": 0.25, '
+                                                    '"reward/all": 0.75}\n')
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_report.py"), str(tmp_path),
+                           "--total-seconds", "300"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "summary.md").read_text()
+    assert "GPU: **NVIDIA H200 capability (9, 0) count 1**" in text
+    assert "5 tests: 2 passed, 1 failed, 1 errors, 1 skipped" in text
+    assert "`tests.test_a::test_bad` | failure | assert 1 == 2" in text
+    assert "| tests | TIMED OUT | 124 | 190.2 | 190 |" in text and "1 stage(s) failed, 300 s in all" in text
+    assert "### sample B=512" in text
+    assert "Last record (step 20)" in text and "| reward/all | 0.75 |" in text and "| loss | 0.25 |" in text
