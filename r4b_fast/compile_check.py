@@ -16,6 +16,11 @@ error, shared memory above 160 KiB, or spills in a variant with bf16/fp16 tensor
 ``--list`` records and checks coverage without compiling. TRITON_INTERPRET must be unset (the interpreter replaces
 ``@triton.jit`` at definition time): when it is set the check re-executes itself without it.
 
+Another Triton (the GPU machines run 3.6): unpack its wheel and put it first on the path, e.g.
+``pip download triton==3.6.0 --no-deps -d /tmp/w && unzip -q /tmp/w/triton-*.whl -d /tmp/t36 &&
+PYTHONPATH=/tmp/t36 R4B_AOT_CACHE_DIR=/tmp/aot36 python -m r4b_fast.compile_check`` (each version has its own ptxas,
+so registers and spills differ).
+
 Caches: Triton's under ``$R4B_AOT_CACHE_DIR/triton`` (default ``~/.cache/r4b_fast/triton_aot``), apart from the
 runtime cache; ptxas results under ``.../ptxas``, keyed by the PTX and the ptxas version.
 
@@ -341,13 +346,15 @@ def _ptxas(arch: int) -> str:
     return knobs.nvidia.ptxas.path
 
 
-def _ptxas_flags(enable_fp_fusion: bool) -> list:
+def _ptxas_flags(enable_fp_fusion: bool, ptx_options: str | None = None) -> list:
     # the flags Triton's make_cubin passes, so the registers match the binary it built
     from triton.backends.nvidia.compiler import CUDABackend
 
     flags = ["-lineinfo", "-v"]
     if not enable_fp_fusion:
         flags.append("--fmad=false")
+    if ptx_options:
+        flags += ptx_options.split()
     try:
         if "regAllocOptLevel=2" in inspect.getsource(CUDABackend.make_cubin):
             flags.append("--regAllocOptLevel=2")
@@ -385,12 +392,12 @@ def ptx_stats(ptx: str) -> dict:
     return {"mma": mma, "atomics": atomics}
 
 
-def run_ptxas(ptx: str, arch: int, enable_fp_fusion: bool, cache: Path | None) -> dict:
+def run_ptxas(ptx: str, arch: int, enable_fp_fusion: bool, cache: Path | None, ptx_options: str | None = None) -> dict:
     """``ptxas -v`` of one PTX for ``sm_<arch>`` (``sm_90a`` for 90, as Triton does), cached by content."""
     from triton.backends.nvidia.compiler import get_ptxas_version, sm_arch_from_capability
 
     ptxas = _ptxas(arch)
-    flags = _ptxas_flags(enable_fp_fusion)
+    flags = _ptxas_flags(enable_fp_fusion, ptx_options)
     gpu = sm_arch_from_capability(arch)
     try:
         version = get_ptxas_version(arch)
@@ -444,7 +451,8 @@ def compile_launch(launch: Launch, arch: int, cache: Path | None = None) -> dict
         ptx = kernel.asm["ptx"]
         rec.update(ok=True, shared=int(md.shared), num_warps=md.num_warps, num_stages=md.num_stages)
         rec.update(ptx_stats(ptx))
-        rec.update(run_ptxas(ptx, arch, getattr(md, "enable_fp_fusion", True), cache))
+        rec.update(run_ptxas(ptx, arch, getattr(md, "enable_fp_fusion", True), cache,
+                             getattr(md, "ptx_options", None)))
         if rec.get("ptxas_rc"):
             rec["ok"] = False
             rec["error"] = "ptxas failed:\n" + rec.get("ptxas_log", "")
