@@ -25,9 +25,9 @@ import triton.language as tl
 
 from r4b_fast.backends import device_guard
 
-_ONE_BITS: tl.constexpr = 0x3F800000  # bits of 1.0f
-_FLT_MAX: tl.constexpr = 3.4028234663852886e38  # inv = 1 / T clamped to finite: 0 * inv stays 0
-_FLT_MIN: tl.constexpr = 1.1754943508222875e-38  # and nonzero: -inf * inv stays -inf (T = +inf unchecked)
+_ONE_BITS = tl.constexpr(0x3F800000)  # bits of 1.0f (tl.constexpr(...): Triton 3.9 rejects plain and annotated globals)
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)  # inv = 1 / T clamped to finite: 0 * inv stays 0
+_FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # and nonzero: -inf * inv stays -inf (T = +inf unchecked)
 NPIV = 16  # pivots per pass of the threshold search
 STEPS = 8  # ceil(30 / log2(NPIV)): probability bit patterns in [0, 1] span < 2^30
 MAX_BLOCK = 1024
