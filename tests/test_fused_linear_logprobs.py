@@ -48,9 +48,10 @@ SHAPES = [(1, 8, 1), (7, 16, 31), (129, 8, 31), (7, 32, 64), (33, 16, 9001), (12
 
 
 def _several_chunks(monkeypatch, T, V):
-    """Chunks of about T / 7 rows (ragged last one) on every device."""
+    """Chunks of about T / 7 rows (ragged last one) on every device, torch epilogue slices of 3 rows."""
     rows = max(1, T // 7)
     monkeypatch.setattr(flp, "CHUNK_ELEMENTS", {"cpu": rows * V, "cuda": rows * V})
+    monkeypatch.setattr(flp, "EPILOGUE_ELEMENTS", 3 * V)
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
@@ -494,6 +495,7 @@ def test_torch_backend_memory_is_chunk_bounded(monkeypatch):
     T, H, V = 512, 16, 16384  # [T, V] fp32 = 32 MiB
     chunk = T * V // 8
     monkeypatch.setattr(flp, "CHUNK_ELEMENTS", {"cpu": chunk})
+    monkeypatch.setattr(flp, "EPILOGUE_ELEMENTS", 8 * V)
     h, w, b, y, temp, g_lp, g_en = _data(T, H, V)
     head = _torch_head(h, w, b, y, temp)
 
@@ -513,8 +515,8 @@ def test_torch_backend_memory_is_chunk_bounded(monkeypatch):
         torch.autograd.grad((lp * g_lp + en * g_en).sum(), (hh, ww, bb))
 
     peak_eager = _peak_cpu_bytes(eager)
-    # three chunk buffers (the logits chunk, its exponentials, their product) plus the gradients (dW is V*H*4 bytes)
-    budget = 3 * chunk * 4 + 2 * V * H * 4 + 2 * T * H * 4
+    # the logits chunk, three fp32 epilogue slices, the gradients themselves (dW is V*H*4 bytes)
+    budget = chunk * 4 + 3 * flp.EPILOGUE_ELEMENTS * 4 + 2 * V * H * 4 + 2 * T * H * 4
     for fn in (fwd_bwd, fused):
         peak = _peak_cpu_bytes(fn)
         assert peak < budget < T * V * 4 / 2, (fn.__name__, peak, budget, T * V * 4)

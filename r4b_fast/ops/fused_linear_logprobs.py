@@ -46,10 +46,11 @@ OP_BACKENDS = ("torch", "triton")
 PREFERRED = {"cpu": ("torch",), "cuda": ("triton", "torch")}
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 IMPORTANCE_LEVELS = ("token", "sequence")
-# Elements of one [rows, V] logit chunk, per device type. CPU: 16M fp32 (64 MiB; the torch epilogue holds two such
-# buffers). GPU: 256M (512 MiB in bf16): R-4B's V=151936 gives 1766-row chunks, big enough for full-speed GEMMs and
-# a few percent of eager's [T, V] buffers at T=8192.
+# Elements of one [rows, V] logit chunk, per device type. CPU: 16M fp32 (64 MiB). GPU: 256M (512 MiB in bf16):
+# R-4B's V=151936 gives 1766-row chunks, big enough for full-speed GEMMs and a few percent of eager's [T, V] buffers
+# at T=8192.
 CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
+EPILOGUE_ELEMENTS = 1 << 20  # the torch epilogue's row slice (4 MiB fp32): its passes over a slice stay in cache
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -115,10 +116,31 @@ def _grad_coefficients(gl, gh, entropy):
     return -(gl + gh * entropy), -gh
 
 
+def _row_blocks(z):
+    """Row slices of a logit chunk small enough (about ``EPILOGUE_ELEMENTS``) that the torch epilogue's several passes
+    over one slice stay in cache, and its fp32 temporaries stay small."""
+    rows, V = z.shape
+    step = max(1, min(rows, EPILOGUE_ELEMENTS // max(V, 1)))
+    return ((r0, min(rows, r0 + step)) for r0 in range(0, rows, step))
+
+
 def _epilogue_torch(z, inv_temp, y, ignore_index, with_entropy, grad_fn):
     """Statistics of one logit chunk ``z [rows, V]``: ``(logp, entropy, lse)`` fp32 ``[rows]``. With ``grad_fn``
-    (``(logp, entropy) -> (gl, gh)``), then overwrites ``z`` with ``d loss / d z``, reusing the chunk's exponentials."""
-    x = z if z.dtype == torch.float32 else z.float()  # fp32 working chunk (z itself in fp32)
+    (``(r0, r1, logp, entropy) -> (gl, gh)`` for rows ``r0:r1``), then overwrites ``z`` with ``d loss / d z``, reusing
+    the exponentials of the statistics pass. Runs over row slices (``_row_blocks``)."""
+    f32 = dict(dtype=torch.float32, device=z.device)
+    rows = z.shape[0]
+    logp, entropy, lse = torch.empty(rows, **f32), torch.zeros(rows, **f32), torch.empty(rows, **f32)
+    for r0, r1 in _row_blocks(z):
+        sl = slice(r0, r1)
+        rows_grad = None if grad_fn is None else (lambda lp, en, r0=r0, r1=r1: grad_fn(r0, r1, lp, en))
+        logp[sl], entropy[sl], lse[sl] = _epilogue_rows_torch(z[sl], inv_temp[sl], y[sl], ignore_index,
+                                                              with_entropy, rows_grad)  # fmt: skip
+    return logp, entropy, lse
+
+
+def _epilogue_rows_torch(z, inv_temp, y, ignore_index, with_entropy, grad_fn):
+    x = z if z.dtype == torch.float32 else z.float()  # fp32 working rows (z itself in fp32)
     x.mul_(inv_temp[:, None])
     m = x.amax(1)
     x.sub_(m[:, None])  # x - m <= 0
@@ -151,17 +173,19 @@ def _epilogue_torch(z, inv_temp, y, ignore_index, with_entropy, grad_fn):
 
 def _grad_epilogue_torch(z, inv_temp, y, lse, gl, a0, a1):
     """Overwrite the chunk ``z`` with ``d loss / d z`` from saved per-row statistics (the recomputing backward)."""
-    x = z if z.dtype == torch.float32 else z.float()
-    x.mul_(inv_temp[:, None]).sub_(lse[:, None])  # log p
-    if a1 is None:
-        x.exp_().mul_((a0 * inv_temp)[:, None])
-    else:
-        p = torch.exp(x)
-        x.mul_((a1 * inv_temp)[:, None]).add_((a0 * inv_temp)[:, None]).mul_(p)
-        del p
-    x.scatter_add_(1, y[:, None], (gl * inv_temp)[:, None])
-    if x is not z:
-        z.copy_(x)
+    for r0, r1 in _row_blocks(z):
+        zb, it = z[r0:r1], inv_temp[r0:r1]
+        x = zb if zb.dtype == torch.float32 else zb.float()
+        x.mul_(it[:, None]).sub_(lse[r0:r1, None])  # log p
+        if a1 is None:
+            x.exp_().mul_((a0[r0:r1] * it)[:, None])
+        else:
+            p = torch.exp(x)
+            x.mul_((a1[r0:r1] * it)[:, None]).add_((a0[r0:r1] * it)[:, None]).mul_(p)
+            del p
+        x.scatter_add_(1, y[r0:r1, None], (gl[r0:r1] * it)[:, None])
+        if x is not zb:
+            zb.copy_(x)
     return z
 
 
@@ -177,7 +201,7 @@ def _epilogue_triton(z, inv_temp, y, ignore_index, with_entropy, grad_fn):
 
     logp, entropy, lse = launch_stats(z, inv_temp, y, ignore_index, with_entropy)
     if grad_fn is not None:
-        gl, gh = grad_fn(logp, entropy)
+        gl, gh = grad_fn(0, z.shape[0], logp, entropy)
         _grad_epilogue_triton(z, inv_temp, y, lse, gl, *_grad_coefficients(gl, gh, entropy))
     return logp, entropy, lse
 
@@ -234,7 +258,7 @@ def _lm_head_forward(head: _Head, with_entropy: bool, grad_fn=None, grads: _Grad
     for t0 in range(0, T, ct):
         t1 = min(T, t0 + ct)
         z = head.logits(t0, t1)
-        rows_grad = None if grad_fn is None else (lambda lp, en, t0=t0, t1=t1: grad_fn(t0, t1, lp, en))
+        rows_grad = None if grad_fn is None else (lambda r0, r1, lp, en, t0=t0: grad_fn(t0 + r0, t0 + r1, lp, en))
         lp, en, ls = epilogue(z, head.inv_temp[t0:t1], head.targets[t0:t1], head.ignore_index, with_entropy, rows_grad)
         logp[t0:t1], entropy[t0:t1], lse[t0:t1] = lp, en, ls
         if grads is not None:
