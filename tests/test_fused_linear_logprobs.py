@@ -588,3 +588,19 @@ def test_epilogue_row_offsets_are_64_bit(backend_device):
     for fn in (kernels._logit_stats_kernel, kernels._logit_grad_kernel):
         src = inspect.getsource(fn.fn)
         assert "row = tl.program_id(0).to(tl.int64)" in src and "row * stride_z" in src, fn.fn.__name__
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_runs_on_the_tensors_device_not_the_current_one(backend):
+    """Tensors on cuda:1 while cuda:0 is current: the launchers' device guard puts the kernels on cuda:1."""
+    h, w, b, y, temp, g_lp, g_en = _data(33, 16, 5001)
+    rlp, ren = fused_linear_logprobs_ref(h, w, y, bias=b, temperature=temp)
+    with torch.cuda.device(0):
+        hh, ww, bb = (t.to("cuda:1").requires_grad_() for t in (h, w, b))
+        lp, en = fused_linear_logprobs(hh, ww, y.to("cuda:1"), bias=bb, temperature=temp.to("cuda:1"),
+                                       return_entropy=True, backend=backend)
+        (lp * g_lp.to("cuda:1")).sum().backward()
+    assert lp.device == hh.grad.device == torch.device("cuda:1")
+    torch.testing.assert_close(lp.cpu(), rlp, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(en.cpu(), ren, rtol=1e-4, atol=1e-4)
