@@ -1,7 +1,8 @@
 // Group advantages (GRPO / Dr.GRPO / RLOO / BPO) as a segmented reduction: one warp per group.
 // Three passes over the group's segment: (1) count, sum, min, max and per-mode count/sum of the finite rewards,
 // (2) squared deviations from the group mean (two-pass variance: no cancellation), (3) advantages.
-// Same contract as kernels/group_advantages.py; C ABI for ctypes (r4b_fast/_cuda_build.py).
+// Same contract as kernels/group_advantages.py; C ABI for ctypes (r4b_fast/_cuda_build.py). Every index and offset
+// is int64 (g * group_size and the permutation entries pass 2^31 on large batches).
 #include <cuda_runtime.h>
 #include <stdint.h>
 

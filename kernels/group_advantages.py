@@ -155,7 +155,7 @@ def launch_group_advantages(r, modes, layout, num_groups, rloo, scale_code, unbi
 
 def aot_scenarios():
     """Every variant the launcher produces at the GPU shapes of issue #10 (N = 262144 rewards in float64, the
-    compute dtype; fixed groups of 16 = BPO's 2g, fixed groups of 4096, ragged groups of up to 20 / 200 / 4096),
+    compute dtype; fixed groups of 1, of 16 = BPO's 2g, of 200 and of 4096, ragged groups of up to 16 / 200 / 4096),
     launched on meta tensors for the ahead-of-time compile check."""
     from r4b_fast.ops.group_advantages import NUM_STATS, _SegmentLayout
 
@@ -166,7 +166,9 @@ def aot_scenarios():
     bstd = torch.empty(1, dtype=torch.float64, **meta)
     modes32 = torch.empty(n, dtype=torch.int32, **meta)
     for ragged in (False, True):
-        for max_len in (16, 200, 4096):  # one per block class
+        for max_len in (1, 16, 200, 4096):  # one per block class (and group_size == 1, its own specialisation)
+            if ragged and max_len == 1:
+                continue
             if ragged:
                 num_groups = n // max(1, max_len // 2)  # ragged: mean length about half the longest
                 layout = _SegmentLayout(torch.empty(n, dtype=torch.int64, **meta),

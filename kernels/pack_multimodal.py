@@ -41,7 +41,7 @@ def _flat_index(b, L, first, j):
     return b.to(tl.int64) * L + first.to(tl.int64) + j
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "T", "image_token_id"])  # their divisibility changes no code: one variant
 def _pack_multimodal_kernel(
     ids_ptr, first_ptr, lens_ptr, out_start_ptr, vis_start_ptr, img_start_ptr,
     img_hh_ptr, img_ww_ptr, img_vis_start_ptr, img_shift_ptr,
