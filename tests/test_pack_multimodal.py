@@ -421,13 +421,12 @@ def _spy_widths(monkeypatch):
     """Record the copy width each launcher chose (copy_unit_bytes is looked up in both modules)."""
     import r4b_fast.ops.pack_multimodal as ops_mod
 
-    seen = []
+    seen, original = [], ops_mod.copy_unit_bytes
 
     def spy(*args, **kwargs):
-        seen.append(ops_mod.copy_unit_bytes.__wrapped__(*args, **kwargs))
+        seen.append(original(*args, **kwargs))
         return seen[-1]
 
-    spy.__wrapped__ = ops_mod.copy_unit_bytes
     monkeypatch.setattr(ops_mod, "copy_unit_bytes", spy)
     try:
         import r4b_fast.kernels.pack_multimodal as kmod
