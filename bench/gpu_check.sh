@@ -55,6 +55,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PIP_NO_INDE
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET R4B_FAST_BACKEND R4B_BENCH_QUICK
 
+# a reused OUTDIR: no stale result may pass for this run's
+rm -rf "$OUT/bpo" "$OUT/junit.xml" "$OUT/bench.json" "$OUT/bench.md" "$OUT/versions.txt"
 printf 'stage\trc\tseconds\ttimed_out\tlimit_s\n' >"$OUT/stages.tsv"
 FAILED=0
 
