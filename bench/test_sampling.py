@@ -1,8 +1,11 @@
 """sample_with_modes vs the engines' pattern (sort-based top-k/top-p + torch.multinomial + a host-side Python loop
 per row for forced tokens and the thinking budget), and the bi-mode rollout engine on a tiny Qwen3.
 
-Sampling setup: a BPO batch (half thinking, half non-thinking rows, budget 64), T = 0.7, top_k = 50, top_p = 0.9,
-logits ``randn * 4`` (peaked like an LLM's), V = 151936 (Qwen3's vocabulary). One call = one decoding step.
+Sampling setup: a BPO batch (half thinking, half non-thinking rows, budget 64), V = 151936 (Qwen3's vocabulary), two
+kinds of logits: "peaked" (``randn * 4``, like an LLM's; T = 0.7, top_k = 50, top_p = 0.9) and "flat" (``randn``;
+T = 0.8, top_p = 0.9, no top-k: the nucleus holds most of the vocabulary, the worst case of a sort-free sampler). One
+call = one decoding step. On CPU: torch vs the sort baseline (the Triton interpreter's timing means nothing); on a GPU
+also the triton and cuda kernels, up to B = 512.
 """
 
 import pytest
@@ -19,7 +22,11 @@ OPEN, NO_THINK, CLOSE = [151667, 198], [151667, 271, 151668, 271], [198, 151668,
 if QUICK:
     OPEN, NO_THINK, CLOSE = [4000, 198], [4000, 271, 4001, 271], [198, 4001, 271]
 EOS, PAD = 151645 if not QUICK else 4002, 0
-KW = dict(temperature=0.7, top_k=50, top_p=0.9)
+KW = {"peaked": dict(temperature=0.7, top_k=50, top_p=0.9), "flat": dict(temperature=0.8, top_k=0, top_p=0.9)}
+SCALE = {"peaked": 4.0, "flat": 1.0}
+# (logits kind, B): flat rows at B = 64 on CPU (the sort baseline takes seconds per call beyond that), all on GPU
+CASES = [("peaked", B) for B in BATCHES] + [("flat", B) for B in ([8] if QUICK else [64] if DEVICE == "cpu" else
+                                                                    [64, 512])]
 BUDGET_S = 0.5 if QUICK else 3.0
 
 
@@ -32,8 +39,9 @@ def hf_style_step(logits, proc, temperature, top_k, top_p, generator):
     multinomial, log-probs, then the Python mode/budget processor over the rows (a host round trip)."""
     x = logits.float() / temperature
     logprobs_all = torch.log_softmax(x, -1)
-    kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
-    x = x.masked_fill(x < kth, -float("inf"))
+    if top_k:
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, -float("inf"))
     sorted_x, sorted_idx = torch.sort(x, descending=True, dim=-1)
     cum = sorted_x.softmax(-1).cumsum(-1)
     remove_sorted = cum > top_p
@@ -46,9 +54,9 @@ def hf_style_step(logits, proc, temperature, top_k, top_p, generator):
     return tokens, logprobs_all.gather(1, tokens[:, None])[:, 0]
 
 
-def _logits(B):
+def _logits(B, kind="peaked"):
     gen = torch.Generator(device=DEVICE).manual_seed(B)
-    return torch.randn(B, V, generator=gen, device=DEVICE) * 4
+    return torch.randn(B, V, generator=gen, device=DEVICE) * SCALE[kind]
 
 
 def _proc(B):
@@ -60,29 +68,35 @@ def _state(B):
                             pad_id=PAD)  # fmt: skip
 
 
-@pytest.mark.parametrize("B", BATCHES)
-def test_reference(benchmark, B):
-    benchmark.group = f"sample_with_modes B={B} V={V}"
-    logits, gen = _logits(B), torch.Generator(device=DEVICE).manual_seed(0)
-    proc = _proc(B)
-    run(benchmark, lambda: hf_style_step(logits, proc, KW["temperature"], KW["top_k"], KW["top_p"], gen),
+def _group(kind, B):
+    return f"sample_with_modes B={B} V={V}" + ("" if kind == "peaked" else " flat logits (T=0.8, top_p=0.9)")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-B{c[1]}")
+def test_reference(benchmark, case):
+    kind, B = case
+    benchmark.group = _group(kind, B)
+    logits, gen = _logits(B, kind), torch.Generator(device=DEVICE).manual_seed(0)
+    proc, kw = _proc(B), KW[kind]
+    run(benchmark, lambda: hf_style_step(logits, proc, kw["temperature"], kw["top_k"], kw["top_p"], gen),
         impl="sort + multinomial + Python mode loop", baseline=True, memory=B <= 64 or DEVICE == "cuda",
-        budget_s=BUDGET_S, B=B, V=V)  # fmt: skip
+        budget_s=BUDGET_S, B=B, V=V, logits=kind)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
-@pytest.mark.parametrize("B", BATCHES)
-def test_r4b_fast(benchmark, B, backend):
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-B{c[1]}")
+def test_r4b_fast(benchmark, case, backend):
+    kind, B = case
     reasons = r4b_fast.not_supported_reasons(backend, DEVICE)
     if reasons:
         pytest.skip("; ".join(reasons))
     if backend == "triton" and DEVICE == "cpu":
         pytest.skip("the Triton interpreter runs a bisection loop per row over V: its CPU timing means nothing")
-    benchmark.group = f"sample_with_modes B={B} V={V}"
-    logits, gen = _logits(B), torch.Generator(device=DEVICE).manual_seed(0)
+    benchmark.group = _group(kind, B)
+    logits, gen = _logits(B, kind), torch.Generator(device=DEVICE).manual_seed(0)
     state = _state(B)
-    run(benchmark, lambda: sample_with_modes(logits, state, generator=gen, backend=backend, **KW), impl=backend,
-        memory=B <= 64 or DEVICE == "cuda", budget_s=BUDGET_S, B=B, V=V)  # fmt: skip
+    run(benchmark, lambda: sample_with_modes(logits, state, generator=gen, backend=backend, **KW[kind]),
+        impl=backend, memory=B <= 64 or DEVICE == "cuda", budget_s=BUDGET_S, B=B, V=V, logits=kind)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,10 +5,13 @@ Implementations, by name:
   cumulative sums for top-p, ``torch.multinomial``. The oracle of the frequency tests and the benchmark baseline.
   ``ModeProcessorRef`` is the matching host-side Python loop per row per step (forced prefixes, thinking budget).
 - ``_sample_torch``: no sort of the vocabulary. ``torch.topk`` on a bounded candidate set (``CANDIDATES`` tokens)
-  finds the top-k / top-p thresholds exactly when the nucleus fits in it (the usual case for LLM logits); rows whose
-  nucleus does not fit fall back to an exact bisection on the float32 bit pattern of the probability threshold
-  (31 passes) over the full vocabulary. On CPU only those rows take the fallback; on other devices every row
-  computes it (``torch.where``), so there is no host sync. The CPU path.
+  finds the top-k / top-p thresholds exactly when the nucleus fits in it (the usual case for LLM logits). Rows whose
+  filtered set does not fit take a full-vocabulary path. On CPU (host reads are free): rows that surely do not fit
+  (flat logits: a nucleus of mass ``top_p * Z > CANDIDATES`` while every ``e <= 1``; or no filter) skip the
+  candidates, and those rows get their exact thresholds from a histogram of ``e`` over the top bits of its float32
+  pattern (one scatter-add locates the threshold's bin; only that bin's tokens, a few hundred, are sorted): about
+  ten passes over the row instead of a sort. On other devices every row computes an exact 31-pass bisection on the
+  float32 bit pattern of the threshold (``torch.where``): no host sync. The CPU path.
 - triton: ``kernels/sampling.py``, one program per row: an online max / log-sum-exp pass, a 16-pivot search on the
   float32 bit pattern for the top-k count and top-p mass thresholds (8 passes each, exact, no sort), then an
   inverse-CDF scan in vocabulary order.
@@ -17,7 +20,9 @@ Implementations, by name:
   is present.
 
 Semantics (every backend):
-- ``x = logits / T`` (rows with ``T == 0`` are greedy: ``argmax(logits)``, first index on ties), ``p = softmax(x)``.
+- ``x = logits / T`` (rows with ``T == 0`` are greedy: ``argmax(logits)``, first index on ties), ``p = softmax(x)``,
+  computed as ``e = exp((logits - max) / T)`` (exactly 1 at the max, so ``min_p = 1`` keeps the argmax; any
+  ``T > 0`` works, however small: no ``logits / T`` overflow).
 - Filters in transformers' order: top-k keeps ``p >= (k-th largest p)`` (ties at the boundary are kept); top-p keeps,
   among those, the smallest set of most probable tokens whose mass reaches ``top_p`` of the top-k mass (threshold
   semantics: ties kept); min-p keeps ``p >= min_p * max(p)`` (invariant to the order). The token is drawn from the
@@ -27,6 +32,12 @@ Semantics (every backend):
 - Returned log-probs are ``log_softmax(logits / T)[token]`` of the temperature-scaled **unfiltered** distribution
   (as TRL and vLLM use for ``old_logprobs``: the training forward recomputes exactly this quantity). Greedy rows
   (``T == 0``) report ``log_softmax(logits)[token]`` (``T = 1``).
+- Never a token outside ``[0, V)``. Inputs that ``check_values=True`` rejects, when not checked
+  (``check_values=False``, :func:`sample_with_modes`' default), are read so, identically by every backend: NaN
+  logits act as ``-inf``; a row with no finite logit (all ``-inf`` / NaN, or a ``+inf``) returns the first index of
+  its maximum (0 for all ``-inf`` / NaN) with a **NaN log-prob** (the flag: a loss on it fails loudly); a temperature
+  that is not ``> 0`` (negative, NaN) is greedy, ``+inf`` is uniform; ``min_p`` outside [0, 1] is clamped (NaN: 0);
+  ``top_p`` >= 1 or NaN and ``top_k`` <= 0 are off.
 
 Mode control (R-4B): :class:`ModeState` holds per-row device tensors (mode, forced-token queue and pointer, thinking
 budget and counter, phase, finished flag); :func:`sample_with_modes` samples and advances it with no host sync.
@@ -284,15 +295,15 @@ def _sample_torch(logits, temperature, top_k, top_p, min_p, u, candidates):
     cpu = logits.device.type == "cpu"
     greedy, inv, min_p = _sanitise(temperature, min_p)
     xf = logits.float()
-    M, first_max = torch.max(xf, 1)  # the first index of the max (greedy's token)
+    M = xf.amax(1)
     bad_nan = M.isnan()  # NaN logits (unchecked input) act as -inf
     if not cpu or bool(bad_nan.any()):
-        fixed = torch.where(xf.isnan(), -float("inf"), xf)
-        M_fixed, first_fixed = torch.max(fixed, 1)
-        xf = torch.where(bad_nan[:, None], fixed, xf)
-        M, first_max = torch.where(bad_nan, M_fixed, M), torch.where(bad_nan, first_fixed, first_max)
+        xf = torch.where(bad_nan[:, None] & xf.isnan(), -float("inf"), xf)
+        M = xf.amax(1)
     finite = M.isfinite()  # else nothing to sample: the first max (0 if all -inf), NaN log-prob
-    first_max = torch.where(first_max < V, first_max, 0)
+    # greedy rows and rows with nothing to sample take the first index of the max (argmax: first on ties)
+    exact_max = greedy | ~finite
+    first_max = xf.argmax(1) if not cpu or bool(exact_max.any()) else None
     # e = exp((l - M) / T): exactly 1 at the max (min_p = 1 keeps it); any T > 0 works (no l / T overflow)
     e = torch.sub(xf, M[:, None]).mul_(inv[:, None]).exp_()
     if not cpu:
@@ -311,7 +322,7 @@ def _sample_torch(logits, temperature, top_k, top_p, min_p, u, candidates):
     else:
         flat = torch.zeros_like(greedy)
         cand_rows = None
-    tokens = first_max.clone()
+    tokens = torch.zeros(B, dtype=torch.int64, device=logits.device)
     fits = torch.zeros_like(greedy)
     if cand_rows is None or cand_rows.numel():
         sub = (lambda t: t) if cand_rows is None or cand_rows.numel() == B else (lambda t: t[cand_rows])
@@ -348,7 +359,8 @@ def _sample_torch(logits, temperature, top_k, top_p, min_p, u, candidates):
             tokens[rows] = _hist_rows(e[rows], Z[rows], top_k[rows], top_p[rows], min_p[rows], u[rows])
     elif K < V:  # no host sync: compute for every row, select
         tokens = torch.where(fits, tokens, _bisect_rows(e, top_k, top_p, min_p, u))
-    tokens = torch.where(greedy | ~finite, first_max, tokens)
+    if first_max is not None:
+        tokens = torch.where(exact_max, first_max, tokens)
     logprobs = (logits.gather(1, tokens[:, None])[:, 0].float() - M) * inv - log_z
     logprobs = torch.where(finite, logprobs, float("nan"))
     return tokens, logprobs, M, log_z
@@ -552,6 +564,8 @@ def sample(
     Returns:
         ``(tokens [B] int64, logprobs [B] float32)``: ``logprobs = log_softmax(logits / T)[token]`` under the
         temperature-scaled **unfiltered** distribution (greedy rows: ``T = 1``), as TRL/vLLM use for old log-probs.
+        With ``check_values=False``, a row with no finite logit returns token 0 (the first maximum) and a NaN
+        log-prob (see the module docstring); tokens are always in ``[0, V)``.
 
     Example:
         >>> import torch
