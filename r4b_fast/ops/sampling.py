@@ -315,8 +315,9 @@ def _sample_torch(logits, temperature, top_k, top_p, min_p, u, candidates):
     topk_on = (top_k > 0) & (top_k < V)
     K = min(V, candidates)
     # rows whose filtered set surely exceeds K tokens (no top-k <= K, no min_p, and a nucleus of mass > K while
-    # every e <= 1; or no filter at all) skip the candidates: flat logits go straight to the histogram path
-    if cpu and K < V:
+    # every e <= 1; or no filter at all) skip the candidates: flat logits go straight to the histogram path. (Fewer
+    # candidates than CANDIDATES: a batch-wide top-k < K bounds every row, none can be flat.)
+    if cpu and K < V and candidates >= CANDIDATES:
         flat = ~greedy & finite & (~topk_on | (top_k > K)) & (min_p == 0) & ((top_p >= 1) | (top_p * Z > K))
         cand_rows = torch.nonzero(~flat)[:, 0]
     else:
