@@ -28,7 +28,9 @@ setup(
         "matplotlib", "tensorboard", "pillow",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=5", "hypothesis>=6.100", "ruff>=0.8"],
+        # liger-kernel: the fused-loss benchmark's peer (its chunked losses run on CPU too); it needs only torch and
+        # triton, which are installed already.
+        "dev": ["pytest>=8", "pytest-benchmark>=5", "hypothesis>=6.100", "ruff>=0.8", "liger-kernel>=0.8"],
         "flash-attn": ["flash-attn>=2.6"],
         "xformers": ["xformers>=0.0.28"],
         "liger": ["liger-kernel>=0.5"],
