@@ -31,6 +31,14 @@ _FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # and nonzero: -inf * inv stays
 NPIV = 16  # pivots per pass of the threshold search
 STEPS = 8  # ceil(30 / log2(NPIV)): probability bit patterns in [0, 1] span < 2^30
 MAX_BLOCK = 1024
+# The pivot search compares a [SEARCH_BLOCK, NPIV] tile: 1024 x 16 held 64 values per thread at 8 warps, and Triton
+# 3.6's ptxas (the GPU machines') capped the kernel at 128 registers and spilled; 256 x 16 does not.
+MAX_SEARCH_BLOCK = 256
+# ptxas 12.8 (Triton 3.6), given only the block size (.reqntid), picks a register target for occupancy and spills a
+# few long-lived scalars (u, log Z, t_k: stored once, loaded once) to meet it: 4-16 bytes at 40-64 registers, and
+# lowering the pressure only lowers its target. An explicit .maxnreg turns that trade-off off; no variant needs more
+# than ~70 registers, and with one program per row occupancy is not what limits the kernel.
+MAXNREG = 128
 
 
 @triton.jit
@@ -51,14 +59,17 @@ def _threshold_search(base, V, inv, M, t_floor, need, MASS: tl.constexpr, BLOCK:
                       NPIV: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
     """Largest float32 ``t`` in [0, 1] with ``count(e >= t) >= need`` (MASS=False) or ``sum(e; e >= t, e >= t_floor)
     >= need`` (MASS=True). Multi-pivot bisection on the bit pattern: each pass over the row tests NPIV - 1 pivots
-    at once and narrows the bracket NPIV-fold, so STEPS = ceil(30 / log2(NPIV)) passes are exact."""
+    at once and narrows the bracket NPIV-fold, so STEPS = ceil(30 / log2(NPIV)) passes are exact. ``BLOCK`` here is
+    the search's own tile (``SEARCH_BLOCK``): its ``[BLOCK, NPIV]`` comparisons are what the registers hold."""
     lanes = tl.arange(0, BLOCK)
-    j = tl.arange(0, NPIV).to(tl.int64)
-    lo = tl.zeros([], tl.int64)
-    hi = tl.zeros([], tl.int64) + (_ONE_BITS + 1)
+    j = tl.arange(0, NPIV)
+    lo = tl.zeros([], tl.int32)
+    hi = tl.zeros([], tl.int32) + (_ONE_BITS + 1)
     for _ in range(STEPS):
-        piv = lo + ((hi - lo) * j) // NPIV  # piv[0] = lo, known to satisfy the predicate
-        tpiv = piv.to(tl.int32).to(tl.float32, bitcast=True)
+        # lo + floor((hi - lo) * j / NPIV) in int32 ((hi - lo) * j would not fit): d = NPIV q + r
+        d = hi - lo
+        piv = lo + (d // NPIV) * j + ((d % NPIV) * j) // NPIV  # piv[0] = lo, known to satisfy the predicate
+        tpiv = piv.to(tl.float32, bitcast=True)
         acc = tl.zeros([NPIV], tl.float32)
         for off in range(0, V, BLOCK):
             e = _row_e(base, off + lanes, V, inv, M)
@@ -70,34 +81,29 @@ def _threshold_search(base, V, inv, M, t_floor, need, MASS: tl.constexpr, BLOCK:
         ok = (acc >= need) | (j == 0)
         lo = tl.max(tl.where(ok, piv, lo), axis=0)
         hi = tl.min(tl.where(ok, hi, piv), axis=0)
-    return lo.to(tl.int32).to(tl.float32, bitcast=True)
+    return lo.to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _sample_kernel(
     logits_ptr, temp_ptr, topk_ptr, topp_ptr, minp_ptr, u_ptr, tok_ptr, lp_ptr, max_ptr, logz_ptr,
-    V, stride, BLOCK: tl.constexpr, NPIV: tl.constexpr, STEPS: tl.constexpr,
+    V, stride, BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NPIV: tl.constexpr, STEPS: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride  # int64: B * V above 2^31 elements
     T = tl.load(temp_ptr + row)
     greedy = ~(T > 0)  # 0 (and, unchecked, negative or NaN): the first maximum
     inv = tl.minimum(tl.maximum(1.0 / tl.where(greedy, 1.0, T), _FLT_MIN), _FLT_MAX)
-    k = tl.load(topk_ptr + row)
-    P = tl.load(topp_ptr + row)
-    mp = tl.load(minp_ptr + row)
-    mp = tl.where(mp > 0, tl.minimum(mp, 1.0), 0.0)  # unchecked NaN: off; > 1: the max only
-    u = tl.load(u_ptr + row)
     lanes = tl.arange(0, BLOCK)
 
     # pass 1: online max (and its first index) and sum of exp, per lane, then combined
     mvec = tl.full([BLOCK], -float("inf"), tl.float32)
-    ivec = tl.zeros([BLOCK], tl.int64) + V
+    ivec = tl.zeros([BLOCK], tl.int32) + V  # int32 indices: V < 2^31
     svec = tl.zeros([BLOCK], tl.float32)
     for off in range(0, V, BLOCK):
         idx = off + lanes
         x = _load_x(base, idx, V)
-        ivec = tl.where(x > mvec, idx.to(tl.int64), ivec)  # strict: the first index of the lane's max
+        ivec = tl.where(x > mvec, idx, ivec)  # strict: the first index of the lane's max
         m_new = tl.maximum(mvec, x)
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # no -inf - -inf: exp(-inf - 0) = 0 instead
         svec = svec * tl.exp((mvec - m_safe) * inv) + tl.exp((x - m_safe) * inv)
@@ -107,16 +113,22 @@ def _sample_kernel(
     first_max = tl.where(first_max < V, first_max, 0)  # every logit -inf
     logz = tl.log(tl.sum(svec * tl.exp((mvec - M) * inv), axis=0))
 
+    # the per-row parameters are loaded where they are used: fewer values live across the searches
+    k = tl.load(topk_ptr + row)
     t_k = tl.zeros([], tl.float32)
     if (k > 0) & (k < V):
-        t_k = _threshold_search(base, V, inv, M, 0.0, k.to(tl.float32), False, BLOCK, NPIV, STEPS)
+        t_k = _threshold_search(base, V, inv, M, 0.0, k.to(tl.float32), False, SEARCH_BLOCK, NPIV, STEPS)
+    P = tl.load(topp_ptr + row)
     t_p = tl.zeros([], tl.float32)
     if P < 1.0:
         kvec = tl.zeros([BLOCK], tl.float32)
         for off in range(0, V, BLOCK):
             e = _row_e(base, off + lanes, V, inv, M)
             kvec += tl.where(e >= t_k, e, 0.0)
-        t_p = _threshold_search(base, V, inv, M, t_k, P * tl.sum(kvec, axis=0), True, BLOCK, NPIV, STEPS)
+        t_p = _threshold_search(base, V, inv, M, t_k, P * tl.sum(kvec, axis=0), True, SEARCH_BLOCK, NPIV,
+                                STEPS)
+    mp = tl.load(minp_ptr + row)
+    mp = tl.where(mp > 0, tl.minimum(mp, 1.0), 0.0)  # unchecked NaN: off; > 1: the max only
     # e == 1 exactly at the max: a threshold <= 1 always keeps the argmax; greedy takes its first occurrence
     thr = tl.minimum(tl.maximum(tl.maximum(t_k, t_p), mp), 1.0)
     thr = tl.where(greedy, 1.0, thr)
@@ -125,24 +137,25 @@ def _sample_kernel(
     for off in range(0, V, BLOCK):
         e = _row_e(base, off + lanes, V, inv, M)
         wvec += tl.where(e >= thr, e, 0.0)
+    u = tl.load(u_ptr + row)
     target = tl.where(greedy, 0.0, u * tl.sum(wvec, axis=0))
     running = tl.zeros([], tl.float32)
-    found = tl.zeros([], tl.int64) + V  # V: not found yet
-    last = tl.zeros([], tl.int64) - 1
+    found = tl.zeros([], tl.int32) + V  # V: not found yet
+    last = tl.zeros([], tl.int32) - 1
     for off in range(0, V, BLOCK):
         idx = off + lanes
         e = _row_e(base, idx, V, inv, M)
         w = tl.where(e >= thr, e, 0.0)
         c = tl.cumsum(w, axis=0) + running
         hit = (c > target) & (w > 0)
-        found = tl.minimum(found, tl.min(tl.where(hit, idx.to(tl.int64), V), axis=0))
-        last = tl.maximum(last, tl.max(tl.where(w > 0, idx.to(tl.int64), -1), axis=0))
+        found = tl.minimum(found, tl.min(tl.where(hit, idx, V), axis=0))
+        last = tl.maximum(last, tl.max(tl.where(w > 0, idx, -1), axis=0))
         running += tl.sum(w, axis=0)
     tok = tl.where(found < V, found, last)  # rounding: the target may exceed the last partial sum
     tok = tl.where(tok >= 0, tok, first_max)  # nothing kept (no finite logit): never an index below 0
     x_tok = _load_x(base, tok, V)
     finite = (M > -float("inf")) & (M < float("inf"))
-    tl.store(tok_ptr + row, tok)
+    tl.store(tok_ptr + row, tok.to(tl.int64))
     tl.store(lp_ptr + row, tl.where(finite, (x_tok - M) * inv - logz, float("nan")))
     tl.store(max_ptr + row, M)
     tl.store(logz_ptr + row, logz)
@@ -159,6 +172,8 @@ def launch_sample(logits, temperature, top_k, top_p, min_p, uniforms):
     float32, row_max [B] float32 (max of the logits), log_z [B] float32 (log sum exp((l - row_max) / T)))``.
     Works on meta tensors (no host reads): the ahead-of-time compile check calls it so."""
     B, V = logits.shape
+    if V > 2**31 - 1 - MAX_BLOCK:  # the kernel's token indices are int32
+        raise ValueError(f"logits: vocabulary size {V} does not fit the kernel's int32 token indices")
     dev = logits.device
     tokens = torch.empty(B, dtype=torch.int64, device=dev)
     logprobs = torch.empty(B, dtype=torch.float32, device=dev)
@@ -170,7 +185,8 @@ def launch_sample(logits, temperature, top_k, top_p, min_p, uniforms):
     with device_guard(logits):
         _sample_kernel[(B,)](
             logits, *params, tokens, logprobs, row_max, log_z, V, logits.stride(0),
-            BLOCK=block, NPIV=NPIV, STEPS=STEPS, num_warps=4 if block <= 512 else 8,
+            BLOCK=block, SEARCH_BLOCK=min(block, MAX_SEARCH_BLOCK), NPIV=NPIV, STEPS=STEPS,
+            num_warps=4 if block <= 512 else 8, maxnreg=MAXNREG,
         )  # fmt: skip
     return tokens, logprobs, row_max, log_z
 
