@@ -8,13 +8,21 @@ float32 bit pattern of ``t`` (8 passes narrow [0, 1] to one float: exact, no sor
 more pivots per pass), skipped when the filter is off, 5. an inverse-CDF scan in vocabulary order with the row's
 uniform. Same contract as ``r4b_fast.ops.sampling._sample_torch``.
 
+Banned tokens (``NBAN`` ids per row, -1 = none; R-4B's strict modes: no ``</think>`` before the minimum thinking
+length, no think tag after a closed block): removed before the filters, as a logits processor setting them to
+``-inf`` would (``e`` = 0 for them in every pass after the first, ``M_a`` = the max of the allowed tokens, so
+``e == 1`` at the allowed max), while ``M`` and ``log Z`` (the returned log-prob, and the forced tokens' log-probs
+computed from them) stay those of the unbanned row: the distribution the training forward recomputes. ``NBAN = 0``
+compiles the plain kernel.
+
 Why ``(l - M) * inv`` and not ``l * inv - max(l * inv)``: the compiler contracts the latter into one FMA, so the
 argmax's ``e`` was not exactly 1 and ``min_p = 1`` kept nothing. A subtraction followed by a product cannot be
 contracted: ``e == 1`` exactly at the max, in every pass, and any ``T > 0`` works (no ``l / T`` overflow).
 
 Rows with nothing to sample (no finite logit; NaN logits count as ``-inf``; possible only with
 ``check_values=False``) return the first index of the row's maximum (0 when every logit is ``-inf``/NaN) and a NaN
-log-prob: never an index outside ``[0, V)``.
+log-prob: never an index outside ``[0, V)``. A row whose finite logits are all banned returns its first allowed
+token (log-prob ``-inf``): never a banned one.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ MAX_SEARCH_BLOCK = 256
 # lowering the pressure only lowers its target. An explicit .maxnreg turns that trade-off off; no variant needs more
 # than ~70 registers, and with one program per row occupancy is not what limits the kernel.
 MAXNREG = 128
+MODE_BANS = 3  # banned ids per row of sample_with_modes' strict modes: <think>, </think>, eos
 
 
 @triton.jit
@@ -49,14 +58,25 @@ def _load_x(base, idx, V):
 
 
 @triton.jit
-def _row_e(base, idx, V, inv, M):
-    """``e = exp((l - M) * inv)`` of one block of the row (0 outside the row): exactly 1 at the max."""
-    return tl.where(idx < V, tl.exp((_load_x(base, idx, V) - M) * inv), 0.0)
+def _allowed(ban_row, idx, V, NBAN: tl.constexpr):
+    """Lanes of the row that may be sampled: inside the row and not one of its ``NBAN`` banned ids (loaded where
+    used, from L1: no registers held across the passes)."""
+    ok = idx < V
+    for j in tl.static_range(NBAN):
+        ok &= idx != tl.load(ban_row + j)
+    return ok
 
 
 @triton.jit
-def _threshold_search(base, V, inv, M, t_floor, need, MASS: tl.constexpr, BLOCK: tl.constexpr,
-                      NPIV: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
+def _row_e(base, idx, V, inv, M, ban_row, NBAN: tl.constexpr):
+    """``e = exp((l - M) * inv)`` of one block of the row (0 outside the row and at banned ids): exactly 1 at the
+    (allowed) max ``M``."""
+    return tl.where(_allowed(ban_row, idx, V, NBAN), tl.exp((_load_x(base, idx, V) - M) * inv), 0.0)
+
+
+@triton.jit
+def _threshold_search(base, V, inv, M, t_floor, need, ban_row, NBAN: tl.constexpr, MASS: tl.constexpr,
+                      BLOCK: tl.constexpr, NPIV: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
     """Largest float32 ``t`` in [0, 1] with ``count(e >= t) >= need`` (MASS=False) or ``sum(e; e >= t, e >= t_floor)
     >= need`` (MASS=True). Multi-pivot bisection on the bit pattern: each pass over the row tests NPIV - 1 pivots
     at once and narrows the bracket NPIV-fold, so STEPS = ceil(30 / log2(NPIV)) passes are exact. ``BLOCK`` here is
@@ -72,7 +92,7 @@ def _threshold_search(base, V, inv, M, t_floor, need, MASS: tl.constexpr, BLOCK:
         tpiv = piv.to(tl.float32, bitcast=True)
         acc = tl.zeros([NPIV], tl.float32)
         for off in range(0, V, BLOCK):
-            e = _row_e(base, off + lanes, V, inv, M)
+            e = _row_e(base, off + lanes, V, inv, M, ban_row, NBAN)
             hit = (e[:, None] >= tpiv[None, :]) & (e[:, None] > 0)
             if MASS:
                 acc += tl.sum(tl.where(hit & (e[:, None] >= t_floor), e[:, None], 0.0), axis=0)
@@ -86,47 +106,57 @@ def _threshold_search(base, V, inv, M, t_floor, need, MASS: tl.constexpr, BLOCK:
 
 @triton.jit
 def _sample_kernel(
-    logits_ptr, temp_ptr, topk_ptr, topp_ptr, minp_ptr, u_ptr, tok_ptr, lp_ptr, max_ptr, logz_ptr,
-    V, stride, BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NPIV: tl.constexpr, STEPS: tl.constexpr,
+    logits_ptr, temp_ptr, topk_ptr, topp_ptr, minp_ptr, u_ptr, ban_ptr, tok_ptr, lp_ptr, max_ptr, logz_ptr,
+    V, stride, NBAN: tl.constexpr, BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NPIV: tl.constexpr,
+    STEPS: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride  # int64: B * V above 2^31 elements
+    ban_row = ban_ptr + row * NBAN
     T = tl.load(temp_ptr + row)
     greedy = ~(T > 0)  # 0 (and, unchecked, negative or NaN): the first maximum
     inv = tl.minimum(tl.maximum(1.0 / tl.where(greedy, 1.0, T), _FLT_MIN), _FLT_MAX)
     lanes = tl.arange(0, BLOCK)
 
-    # pass 1: online max (and its first index) and sum of exp, per lane, then combined
+    # pass 1: online max and sum of exp of the whole row (the log-probs), and the max of the allowed tokens with
+    # its first index, per lane, then combined
     mvec = tl.full([BLOCK], -float("inf"), tl.float32)
+    avec = tl.full([BLOCK], -float("inf"), tl.float32)
     ivec = tl.zeros([BLOCK], tl.int32) + V  # int32 indices: V < 2^31
     svec = tl.zeros([BLOCK], tl.float32)
     for off in range(0, V, BLOCK):
         idx = off + lanes
         x = _load_x(base, idx, V)
-        ivec = tl.where(x > mvec, idx, ivec)  # strict: the first index of the lane's max
+        ok = _allowed(ban_row, idx, V, NBAN)
+        xa = tl.where(ok, x, -float("inf"))
+        # strict: the first index of the lane's max; the lane's first allowed index while its max is -inf
+        ivec = tl.where((xa > avec) | (ok & (ivec >= V)), idx, ivec)
+        avec = tl.maximum(avec, xa)
         m_new = tl.maximum(mvec, x)
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # no -inf - -inf: exp(-inf - 0) = 0 instead
         svec = svec * tl.exp((mvec - m_safe) * inv) + tl.exp((x - m_safe) * inv)
         mvec = m_new
     M = tl.max(mvec, axis=0)
-    first_max = tl.min(tl.where(mvec == M, ivec, V), axis=0)
-    first_max = tl.where(first_max < V, first_max, 0)  # every logit -inf
     logz = tl.log(tl.sum(svec * tl.exp((mvec - M) * inv), axis=0))
+    Ma = tl.max(avec, axis=0)  # == M without bans
+    first_max = tl.min(tl.where(avec == Ma, ivec, V), axis=0)
+    first_max = tl.where(first_max < V, first_max, 0)  # every token banned (V <= NBAN)
 
     # the per-row parameters are loaded where they are used: fewer values live across the searches
     k = tl.load(topk_ptr + row)
     t_k = tl.zeros([], tl.float32)
     if (k > 0) & (k < V):
-        t_k = _threshold_search(base, V, inv, M, 0.0, k.to(tl.float32), False, SEARCH_BLOCK, NPIV, STEPS)
+        t_k = _threshold_search(base, V, inv, Ma, 0.0, k.to(tl.float32), ban_row, NBAN, False, SEARCH_BLOCK, NPIV,
+                                STEPS)
     P = tl.load(topp_ptr + row)
     t_p = tl.zeros([], tl.float32)
     if P < 1.0:
         kvec = tl.zeros([BLOCK], tl.float32)
         for off in range(0, V, BLOCK):
-            e = _row_e(base, off + lanes, V, inv, M)
+            e = _row_e(base, off + lanes, V, inv, Ma, ban_row, NBAN)
             kvec += tl.where(e >= t_k, e, 0.0)
-        t_p = _threshold_search(base, V, inv, M, t_k, P * tl.sum(kvec, axis=0), True, SEARCH_BLOCK, NPIV,
-                                STEPS)
+        t_p = _threshold_search(base, V, inv, Ma, t_k, P * tl.sum(kvec, axis=0), ban_row, NBAN, True, SEARCH_BLOCK,
+                                NPIV, STEPS)
     mp = tl.load(minp_ptr + row)
     mp = tl.where(mp > 0, tl.minimum(mp, 1.0), 0.0)  # unchecked NaN: off; > 1: the max only
     # e == 1 exactly at the max: a threshold <= 1 always keeps the argmax; greedy takes its first occurrence
@@ -135,7 +165,7 @@ def _sample_kernel(
 
     wvec = tl.zeros([BLOCK], tl.float32)
     for off in range(0, V, BLOCK):
-        e = _row_e(base, off + lanes, V, inv, M)
+        e = _row_e(base, off + lanes, V, inv, Ma, ban_row, NBAN)
         wvec += tl.where(e >= thr, e, 0.0)
     u = tl.load(u_ptr + row)
     target = tl.where(greedy, 0.0, u * tl.sum(wvec, axis=0))
@@ -144,7 +174,7 @@ def _sample_kernel(
     last = tl.zeros([], tl.int32) - 1
     for off in range(0, V, BLOCK):
         idx = off + lanes
-        e = _row_e(base, idx, V, inv, M)
+        e = _row_e(base, idx, V, inv, Ma, ban_row, NBAN)
         w = tl.where(e >= thr, e, 0.0)
         c = tl.cumsum(w, axis=0) + running
         hit = (c > target) & (w > 0)
@@ -152,7 +182,7 @@ def _sample_kernel(
         last = tl.maximum(last, tl.max(tl.where(w > 0, idx, -1), axis=0))
         running += tl.sum(w, axis=0)
     tok = tl.where(found < V, found, last)  # rounding: the target may exceed the last partial sum
-    tok = tl.where(tok >= 0, tok, first_max)  # nothing kept (no finite logit): never an index below 0
+    tok = tl.where(tok >= 0, tok, first_max)  # nothing kept (no finite allowed logit): never an index below 0
     x_tok = _load_x(base, tok, V)
     finite = (M > -float("inf")) & (M < float("inf"))
     tl.store(tok_ptr + row, tok.to(tl.int64))
@@ -166,9 +196,10 @@ def block_size(V: int) -> int:
     return triton.next_power_of_2(min(max(V, 16), MAX_BLOCK))
 
 
-def launch_sample(logits, temperature, top_k, top_p, min_p, uniforms):
+def launch_sample(logits, temperature, top_k, top_p, min_p, uniforms, banned=None):
     """One program per row. ``logits`` [B, V] (unit stride along V) float32/bfloat16/float16/float64; per-row
-    temperature / top_p / min_p / uniforms [B] float, top_k [B] int64. Returns ``(tokens [B] int64, logprobs [B]
+    temperature / top_p / min_p / uniforms [B] float, top_k [B] int64; ``banned`` None or [B, NBAN] integer token
+    ids that cannot be sampled (-1: none). Returns ``(tokens [B] int64, logprobs [B]
     float32, row_max [B] float32 (max of the logits), log_z [B] float32 (log sum exp((l - row_max) / T)))``.
     Works on meta tensors (no host reads): the ahead-of-time compile check calls it so."""
     B, V = logits.shape
@@ -182,9 +213,11 @@ def launch_sample(logits, temperature, top_k, top_p, min_p, uniforms):
     block = block_size(V)
     params = [temperature.float().contiguous(), top_k.to(torch.int64).contiguous(), top_p.float().contiguous(),
               min_p.float().contiguous(), uniforms.float().contiguous()]  # fmt: skip
+    nban = 0 if banned is None else banned.shape[1]
+    ban = tokens if nban == 0 else banned.to(torch.int32).contiguous()  # NBAN = 0: never read
     with device_guard(logits):
         _sample_kernel[(B,)](
-            logits, *params, tokens, logprobs, row_max, log_z, V, logits.stride(0),
+            logits, *params, ban, tokens, logprobs, row_max, log_z, V, logits.stride(0), NBAN=nban,
             BLOCK=block, SEARCH_BLOCK=min(block, MAX_SEARCH_BLOCK), NPIV=NPIV, STEPS=STEPS,
             num_warps=4 if block <= 512 else 8, maxnreg=MAXNREG,
         )  # fmt: skip
@@ -193,9 +226,11 @@ def launch_sample(logits, temperature, top_k, top_p, min_p, uniforms):
 
 def aot_scenarios():
     """Every launch the op can make, at the GPU shapes (B=512, V=151936: Qwen3's vocabulary) and small V (one
-    block; V=100: BLOCK 128 and 4 warps), once per logits dtype, on meta tensors."""
+    block; V=100: BLOCK 128 and 4 warps), once per logits dtype, on meta tensors; without bans (``sample``) and
+    with the strict modes' ``MODE_BANS`` banned ids per row (``sample_with_modes``)."""
     for B, V in ((512, 151936), (512, 1000), (64, 100)):
         for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
             logits = torch.empty(B, V, dtype=dtype, device="meta")
             f32, i64 = (torch.empty(B, dtype=dt, device="meta") for dt in (torch.float32, torch.int64))
             launch_sample(logits, f32, i64, f32, f32, f32)
+            launch_sample(logits, f32, i64, f32, f32, f32, torch.empty(B, MODE_BANS, dtype=torch.int64, device="meta"))

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -69,13 +70,22 @@ _FLT_MIN = 1.1754943508222875e-38
 # ----------------------------------------------------------------------------------------------------------------
 # Reference: sort-based filtering + multinomial, and the host-side mode processor (the transformers/vLLM pattern).
 # ----------------------------------------------------------------------------------------------------------------
-def filtered_probs_ref(logits, temperature, top_k, top_p, min_p) -> torch.Tensor:
+def filtered_probs_ref(logits, temperature, top_k, top_p, min_p, banned=None) -> torch.Tensor:
     """The distribution :func:`sample` draws from, by sorting: ``[B, V]`` float64 probabilities.
 
     Per-row parameters as ``[B]`` tensors (``top_k`` 0 = off). Greedy rows (``T == 0``) put mass 1 on the argmax.
+    ``banned``: optional ``[B, n]`` token ids (-1: none) set to ``-inf`` before everything else (a logits processor,
+    as transformers applies them before its warpers), as :func:`sample_with_modes`' strict modes do.
     """
     x = logits.double()
     B, V = x.shape
+    if banned is not None:
+        x = x.clone()  # logits.double() is logits itself for float64
+        for j in range(banned.shape[1]):
+            col = banned[:, j]
+            rows = torch.nonzero(col >= 0)[:, 0]
+            x[rows, col[rows]] = -float("inf")
+        logits = x
     t = temperature.double()
     greedy = t == 0
     x = x / torch.where(greedy, 1.0, t)[:, None]
@@ -100,9 +110,10 @@ def filtered_probs_ref(logits, temperature, top_k, top_p, min_p) -> torch.Tensor
     return torch.where(greedy[:, None], onehot, q)
 
 
-def sample_ref(logits, temperature, top_k, top_p, min_p, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort-based sampling (filtered_probs_ref + ``torch.multinomial``): ``(tokens [B] int64, logprobs [B] fp32)``."""
-    q = filtered_probs_ref(logits, temperature, top_k, top_p, min_p)
+def sample_ref(logits, temperature, top_k, top_p, min_p, generator=None, banned=None):
+    """Sort-based sampling (filtered_probs_ref + ``torch.multinomial``): ``(tokens [B] int64, logprobs [B] fp32)``,
+    log-probs of the unbanned distribution."""
+    q = filtered_probs_ref(logits, temperature, top_k, top_p, min_p, banned)
     tokens = torch.multinomial(q.float(), 1, generator=generator)[:, 0]
     t = torch.where(temperature == 0, 1.0, temperature.float())
     logprobs = torch.log_softmax(logits.float() / t[:, None], -1).gather(1, tokens[:, None])[:, 0]
@@ -112,12 +123,13 @@ def sample_ref(logits, temperature, top_k, top_p, min_p, generator=None) -> tupl
 class ModeProcessorRef:
     """The host-side pattern of engines: a Python loop per row per step over lists (oracle of the mode tests).
 
-    ``step(sampled)`` takes the freely sampled token of every row (a list) and returns the tokens actually emitted.
-    Same rules as :func:`sample_with_modes`.
+    ``banned()`` lists, per row, the token ids the next sampled token must not be (strict modes); ``step(sampled)``
+    takes the sampled token of every row (a list) and returns the tokens actually emitted. Same rules as
+    :func:`sample_with_modes`.
     """
 
     def __init__(self, modes, think_open_ids, no_think_ids, think_close_ids, *, budget=None, eos_id, pad_id,
-                 auto_ids=(), think_start_id=None, think_end_id=None):  # fmt: skip
+                 auto_ids=(), think_start_id=None, think_end_id=None, min_think_tokens=0, no_reopen=False):  # fmt: skip
         prefix = {Mode.THINK: list(think_open_ids), Mode.NO_THINK: list(no_think_ids), Mode.AUTO: list(auto_ids)}
         self.queue = [list(prefix[Mode(int(m))]) for m in modes]
         self.close = list(think_close_ids)
@@ -126,6 +138,12 @@ class ModeProcessorRef:
         self.start = think_open_ids[0] if think_start_id is None else think_start_id
         self.end = _default_end_id(think_open_ids, think_close_ids) if think_end_id is None else think_end_id
         self.eos, self.pad = eos_id, pad_id
+        self.modes = [Mode(int(m)) for m in modes]
+        mt = [min_think_tokens] * n if isinstance(min_think_tokens, int) else [int(k) for k in min_think_tokens]
+        # </think> needs k sampled tokens before the close sequence, whose tokens before </think> are sampled too
+        offset = list(think_close_ids).index(self.end) if self.end in think_close_ids else 0
+        self.min_end = [k + offset if k > 0 else 0 for k in mt]
+        self.no_reopen = no_reopen
         self.in_think = [False] * n
         self.opened = [False] * n
         self.closed = [False] * n
@@ -133,6 +151,17 @@ class ModeProcessorRef:
         self.finished = [False] * n
         self.forced = [False] * n
         self.closing = [False] * n
+
+    def banned(self) -> list[list[int]]:
+        out = []
+        for i in range(len(self.queue)):
+            ban = []
+            if self.no_reopen and self.closed[i]:
+                ban += [self.start, self.end]
+            if self.modes[i] == Mode.THINK and self.in_think[i] and self.count[i] < self.min_end[i]:
+                ban += [self.end, self.eos]
+            out.append(ban)
+        return out
 
     def step(self, sampled: list[int]) -> list[int]:
         out = []
@@ -290,7 +319,18 @@ def _sanitise(temperature, min_p):
     return greedy, inv, mp
 
 
-def _sample_torch(logits, temperature, top_k, top_p, min_p, u, candidates):
+def _row_exp(xf, M, finite, inv, cpu):
+    """``e = exp((l - M) / T)`` [B, V] (0 on rows without a finite max) and its row sums: exactly 1 at the max
+    (min_p = 1 keeps it); any T > 0 works (no l / T overflow)."""
+    e = torch.sub(xf, M[:, None]).mul_(inv[:, None]).exp_()
+    if not cpu:
+        e = torch.where(finite[:, None], e, 0.0)
+    elif not bool(finite.all()):
+        e[~finite] = 0.0
+    return e, e.sum(1)
+
+
+def _sample_torch(logits, temperature, top_k, top_p, min_p, u, candidates, banned=None):
     B, V = logits.shape
     cpu = logits.device.type == "cpu"
     greedy, inv, min_p = _sanitise(temperature, min_p)
@@ -301,17 +341,28 @@ def _sample_torch(logits, temperature, top_k, top_p, min_p, u, candidates):
         xf = torch.where(bad_nan[:, None] & xf.isnan(), -float("inf"), xf)
         M = xf.amax(1)
     finite = M.isfinite()  # else nothing to sample: the first max (0 if all -inf), NaN log-prob
+    e, Z = _row_exp(xf, M, finite, inv, cpu)
+    log_z, M_lp, finite_lp = Z.log(), M, finite  # the log-probs: of the unbanned row
+    first_allowed = None
+    if banned is not None:  # sampled from the allowed tokens: banned ids at -inf, as a logits processor would
+        del e
+        xf = xf.clone()
+        for j in range(banned.shape[1]):  # column by column: repeated ids stay banned
+            col = banned[:, j : j + 1]
+            idx = col.clamp(min=0)
+            xf.scatter_(1, idx, torch.where(col >= 0, -float("inf"), xf.gather(1, idx)))
+        M = xf.amax(1)
+        finite = M.isfinite()
+        e, Z = _row_exp(xf, M, finite, inv, cpu)
+        # a row whose finite logits are all banned: its first allowed id (among the first n + 1), never a banned one
+        c = torch.arange(banned.shape[1] + 1, device=banned.device)
+        is_banned = (c[None, :, None] == banned[:, None, :]).any(-1)
+        first_allowed = (~is_banned).to(torch.int8).argmax(1).clamp(max=V - 1)
     # greedy rows and rows with nothing to sample take the first index of the max (argmax: first on ties)
     exact_max = greedy | ~finite
     first_max = xf.argmax(1) if not cpu or bool(exact_max.any()) else None
-    # e = exp((l - M) / T): exactly 1 at the max (min_p = 1 keeps it); any T > 0 works (no l / T overflow)
-    e = torch.sub(xf, M[:, None]).mul_(inv[:, None]).exp_()
-    if not cpu:
-        e = torch.where(finite[:, None], e, 0.0)
-    elif not bool(finite.all()):
-        e[~finite] = 0.0
-    Z = e.sum(1)
-    log_z = Z.log()
+    if first_max is not None and first_allowed is not None:
+        first_max = torch.where(M == -float("inf"), first_allowed, first_max)
     topk_on = (top_k > 0) & (top_k < V)
     K = min(V, candidates)
     # rows whose filtered set surely exceeds K tokens (no top-k <= K, no min_p, and a nucleus of mass > K while
@@ -362,12 +413,12 @@ def _sample_torch(logits, temperature, top_k, top_p, min_p, u, candidates):
         tokens = torch.where(fits, tokens, _bisect_rows(e, top_k, top_p, min_p, u))
     if first_max is not None:
         tokens = torch.where(exact_max, first_max, tokens)
-    logprobs = (logits.gather(1, tokens[:, None])[:, 0].float() - M) * inv - log_z
-    logprobs = torch.where(finite, logprobs, float("nan"))
-    return tokens, logprobs, M, log_z
+    logprobs = (logits.gather(1, tokens[:, None])[:, 0].float() - M_lp) * inv - log_z
+    logprobs = torch.where(finite_lp, logprobs, float("nan"))
+    return tokens, logprobs, M_lp, log_z
 
 
-def _launch_sample_cuda(logits, temperature, top_k, top_p, min_p, uniforms):
+def _launch_sample_cuda(logits, temperature, top_k, top_p, min_p, uniforms, banned=None):
     import ctypes
 
     from r4b_fast import _cuda_build
@@ -381,6 +432,8 @@ def _launch_sample_cuda(logits, temperature, top_k, top_p, min_p, uniforms):
             for dt in (torch.int64, torch.float32, torch.float32, torch.float32)]  # tokens, logprobs, max, log_z
     params = [temperature.float().contiguous(), top_k.to(torch.int64).contiguous(), top_p.float().contiguous(),
               min_p.float().contiguous(), uniforms.float().contiguous()]  # fmt: skip
+    nban = 0 if banned is None else banned.shape[1]
+    ban = outs[0] if nban == 0 else banned.to(torch.int32).contiguous()  # nban = 0: never read
     lib = _cuda_build.load_library("sampling")
     lib.r4b_sample.restype = ctypes.c_int
 
@@ -391,7 +444,8 @@ def _launch_sample_cuda(logits, temperature, top_k, top_p, min_p, uniforms):
         stream = torch.cuda.current_stream(logits.device).cuda_stream
         err = lib.r4b_sample(
             ptr(logits), ctypes.c_int(codes[logits.dtype]), ctypes.c_int64(B), ctypes.c_int64(V),
-            ctypes.c_int64(logits.stride(0)), *[ptr(p) for p in params], *[ptr(o) for o in outs],
+            ctypes.c_int64(logits.stride(0)), *[ptr(p) for p in params], ptr(ban), ctypes.c_int(nban),
+            *[ptr(o) for o in outs],
             ctypes.c_void_p(stream),
         )  # fmt: skip
     if err != 0:
@@ -413,20 +467,23 @@ def _sample_op(
     uniforms: torch.Tensor,
     candidates: int,
     backend: str,
+    banned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(tokens [B] int64, logprobs [B] fp32, row_max [B] fp32 = max of the logits, log_z [B] fp32 =
-    log sum exp((logits - row_max) / T))``: ``log_softmax(logits / T)[i] = (logits[i] - row_max) / T - log_z``."""
+    log sum exp((logits - row_max) / T))``: ``log_softmax(logits / T)[i] = (logits[i] - row_max) / T - log_z``.
+    ``banned``: None or ``[B, n]`` int64 ids in ``[-1, V)`` that cannot be sampled (-1: none); row_max, log_z and
+    the log-probs stay those of the unbanned row."""
     if backend == "triton":
         from r4b_fast.kernels.sampling import launch_sample
 
-        return launch_sample(logits.contiguous(), temperature, top_k, top_p, min_p, uniforms)
+        return launch_sample(logits.contiguous(), temperature, top_k, top_p, min_p, uniforms, banned)
     if backend == "cuda":
-        return _launch_sample_cuda(logits, temperature, top_k, top_p, min_p, uniforms)
-    return _sample_torch(logits, temperature, top_k, top_p, min_p, uniforms, candidates)
+        return _launch_sample_cuda(logits, temperature, top_k, top_p, min_p, uniforms, banned)
+    return _sample_torch(logits, temperature, top_k, top_p, min_p, uniforms, candidates, banned)
 
 
 @_sample_op.register_fake
-def _(logits, temperature, top_k, top_p, min_p, uniforms, candidates, backend):
+def _(logits, temperature, top_k, top_p, min_p, uniforms, candidates, backend, banned=None):
     B = logits.shape[0]
     return (logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B,), dtype=torch.float32),
             logits.new_empty((B,), dtype=torch.float32), logits.new_empty((B,), dtype=torch.float32))  # fmt: skip
@@ -521,7 +578,8 @@ def _uniforms(B, device, generator, uniforms=None) -> torch.Tensor:
     return u
 
 
-def _sample_impl(logits, temperature, top_k, top_p, min_p, generator, backend, check_values, uniforms=None):
+def _sample_impl(logits, temperature, top_k, top_p, min_p, generator, backend, check_values, uniforms=None,
+                 banned=None):
     params = _prepare(logits, temperature, top_k, top_p, min_p, check_values)
     chosen = resolve_backend(backend, logits.device, OP_BACKENDS, PREFERRED, "sample")
     u = _uniforms(logits.shape[0], logits.device, generator, uniforms)
@@ -529,7 +587,7 @@ def _sample_impl(logits, temperature, top_k, top_p, min_p, generator, backend, c
         raise ValueError("uniforms: values must lie in [0, 1)")
     # one top-k for the whole batch: k + 1 candidates hold its filtered set (the extra one detects boundary ties)
     candidates = min(CANDIDATES, top_k + 1) if isinstance(top_k, int) and top_k > 0 else CANDIDATES
-    tokens, logprobs, row_max, log_z = _sample_op(logits.detach(), *params, u, candidates, chosen)
+    tokens, logprobs, row_max, log_z = _sample_op(logits.detach(), *params, u, candidates, chosen, banned)
     return tokens, logprobs, row_max, log_z, params[0]
 
 
@@ -596,6 +654,10 @@ class ModeState:
     budget [B] int64 (-1: unlimited) and think_count [B] (sampled tokens inside the think block); phase [B]
     (0 before a think block, 1 inside, 2 after); opened / closed / finished [B] bool; and the token ids
     think_start_id, think_end_id (tracked for every row, auto included), eos_id, pad_id.
+    Strict modes: min_end [B] int64 (a THINK row cannot sample ``think_end_id`` nor ``eos_id`` inside its think
+    block while ``think_count < min_end``: ``min_think_tokens`` plus the close sequence's tokens before
+    ``think_end_id``; 0: off) and no_reopen (after a closed block, ``think_start_id`` / ``think_end_id`` cannot be
+    sampled); strict: either is on for some row (else the plain sampling kernels run).
     """
 
     mode: torch.Tensor
@@ -615,6 +677,9 @@ class ModeState:
     eos_id: int
     pad_id: int
     max_token_id: int = 0  # the largest id the state can emit (checked against V, no sync)
+    min_end: torch.Tensor | None = None
+    no_reopen: bool = False
+    strict: bool = False
 
     @classmethod
     def create(
@@ -631,6 +696,8 @@ class ModeState:
         think_start_id: int | None = None,
         think_end_id: int | None = None,
         device: torch.device | str | None = None,
+        min_think_tokens: int | torch.Tensor | Sequence[int] = 0,
+        no_reopen: bool = False,
     ) -> ModeState:
         """Build the state for ``B`` rows.
 
@@ -644,6 +711,14 @@ class ModeState:
             think_start_id / think_end_id: the single tokens that open / close a think block (phase tracking);
                 default ``think_open_ids[0]`` and the first id of ``think_close_ids`` not in ``think_open_ids``.
             device: default ``modes``' device (CPU for lists).
+            min_think_tokens: int or ``[B]`` (tensor or sequence), >= 0, applied to THINK rows only (0: off): inside
+                the think block, ``think_end_id`` and ``eos_id`` cannot be sampled before ``k`` tokens have been
+                sampled after the forced prefix, not counting the close sequence's tokens before ``think_end_id``
+                (the ``"\n"`` of ``"\n</think>\n\n"``): the close sequence can neither start (when it starts with
+                ``think_end_id``) nor be completed early, and the rollout cannot end inside the block. At most the
+                row's ``budget`` (the budget still forces the close).
+            no_reopen: once a row's think block is closed (by the NO_THINK prefix, the model, or the budget),
+                ``think_start_id`` and ``think_end_id`` cannot be sampled: no think tag after the block. Every mode.
         """
         if isinstance(modes, torch.Tensor):
             if modes.dtype.is_floating_point or modes.dtype == torch.bool:
@@ -652,6 +727,13 @@ class ModeState:
             mode = modes.to(device=device, dtype=torch.int64)
             mode_list = mode.tolist()  # setup time, not the hot loop
         else:
+            if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence):
+                raise ValueError(f"modes: expected a [B] sequence or tensor of modes, got {type(modes).__name__}")
+            # exact integers only: int() would read 1.5 as THINK and "0" as NO_THINK
+            wrong = [m for m in modes if isinstance(m, bool) or not isinstance(m, numbers.Integral)]
+            if wrong:
+                raise ValueError(f"modes: expected integer modes in {{NO_THINK: 0, THINK: 1, AUTO: 2}}, got "
+                                 f"{len(wrong)} non-integer value(s), e.g. {wrong[0]!r}")  # fmt: skip
             mode_list = [int(m) for m in modes]
             device = torch.device("cpu") if device is None else torch.device(device)
             mode = torch.tensor(mode_list, dtype=torch.int64, device=device)
@@ -697,6 +779,18 @@ class ModeState:
         start = seqs["think_open_ids"][0] if think_start_id is None else int(think_start_id)
         end = _default_end_id(seqs["think_open_ids"], seqs["think_close_ids"]) if think_end_id is None else int(
             think_end_id)  # fmt: skip
+        if not isinstance(no_reopen, bool):
+            raise ValueError(f"no_reopen: expected a bool, got {no_reopen!r}")
+        min_think = _min_think_list(min_think_tokens, B)
+        is_think = [m == int(Mode.THINK) for m in mode_list]
+        budgets = budget_t.tolist()  # setup time
+        for i in range(B):
+            if is_think[i] and 0 <= budgets[i] < min_think[i]:
+                raise ValueError(f"min_think_tokens: {min_think[i]} for row {i}, above its thinking budget "
+                                 f"{budgets[i]} (the budget closes the block first)")  # fmt: skip
+        # </think> also waits for the close sequence's tokens before it (sampled tokens of the block too)
+        offset = seqs["think_close_ids"].index(end) if end in seqs["think_close_ids"] else 0
+        min_end = [k + offset if t and k > 0 else 0 for k, t in zip(min_think, is_think)]
         return cls(
             mode=mode, queue=queue.to(device), queue_len=qlen.to(device), queue_pos=zeros.clone(),
             close_ids=torch.tensor(seqs["think_close_ids"], dtype=torch.int64, device=device),
@@ -704,11 +798,37 @@ class ModeState:
             think_count=zeros.clone(), phase=zeros.clone(), opened=false.clone(), closed=false.clone(),
             finished=false.clone(), think_start_id=start, think_end_id=end, eos_id=eos_id, pad_id=pad_id,
             max_token_id=max([eos_id, pad_id, start, end] + [t for ids in seqs.values() for t in ids]),
+            min_end=torch.tensor(min_end, dtype=torch.int64, device=device), no_reopen=no_reopen,
+            strict=no_reopen or any(k > 0 for k in min_end),
         )  # fmt: skip
 
     @property
     def batch_size(self) -> int:
         return self.mode.shape[0]
+
+
+def _min_think_list(value, B: int) -> list[int]:
+    """``min_think_tokens`` as B non-negative Python ints (setup time)."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise ValueError(f"min_think_tokens: expected an integer tensor, got dtype {value.dtype}")
+        if value.shape not in ((), (B,)):
+            raise ValueError(f"min_think_tokens: expected an int or [B] = ({B},) values, got shape "
+                             f"{tuple(value.shape)}")  # fmt: skip
+        vals = value.reshape(-1).tolist() * (B if value.dim() == 0 else 1)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        vals = [value] * B
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        vals = list(value)
+        if len(vals) != B:
+            raise ValueError(f"min_think_tokens: {len(vals)} values for {B} rows")
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in vals):
+            raise ValueError(f"min_think_tokens: expected ints, got {vals}")
+    else:
+        raise ValueError(f"min_think_tokens: expected an int >= 0 or [B] ints, got {value!r}")
+    if any(v < 0 for v in vals):
+        raise ValueError(f"min_think_tokens: expected values >= 0, got {min(vals)}")
+    return [int(v) for v in vals]
 
 
 class ModeStep(NamedTuple):
@@ -743,7 +863,11 @@ def sample_with_modes(
     Per row: a finished row emits ``pad_id``; a row with forced tokens left emits the next one (its mode's prefix,
     or the close sequence); a row inside a think block whose sampled-token count reached its budget starts emitting
     ``think_close_ids``; otherwise the freely sampled token (so AUTO rows are exactly :func:`sample`'s tokens for the
-    same generator). The row's phase follows ``think_start_id`` / ``think_end_id``; ``eos_id`` finishes it.
+    same generator, unless ``no_reopen`` bans a think tag after their block). The row's phase follows
+    ``think_start_id`` / ``think_end_id``; ``eos_id`` finishes it. Strict modes (``ModeState.create``'s
+    ``min_think_tokens`` / ``no_reopen``): the banned ids of each row are removed inside the sampling kernel before
+    the filters (as a logits processor setting them to ``-inf``); log-probs stay those of the unbanned
+    distribution (what the training forward recomputes).
     Sampling arguments as in :func:`sample` (``check_values`` defaults to False here: no sync in the loop).
 
     Example:
@@ -764,9 +888,10 @@ def sample_with_modes(
     if isinstance(logits, torch.Tensor) and logits.dim() == 2 and state.max_token_id >= logits.shape[1]:
         raise ValueError(f"logits: vocabulary of {logits.shape[1]} tokens, but the state's forced / eos / pad ids "
                          f"go up to {state.max_token_id}")  # fmt: skip
-    sampled, logprobs, row_max, log_z, temp = _sample_impl(logits, temperature, top_k, top_p, min_p, generator, backend,
-                                                check_values, uniforms)  # fmt: skip
     s = state
+    banned = _mode_bans(s) if s.strict else None
+    sampled, logprobs, row_max, log_z, temp = _sample_impl(logits, temperature, top_k, top_p, min_p, generator, backend,
+                                                check_values, uniforms, banned)  # fmt: skip
     done_before = s.finished
     active = ~done_before
     in_queue = s.queue_pos < s.queue_len
@@ -797,3 +922,14 @@ def sample_with_modes(
     s.closed |= closes
     s.finished |= active & (tokens == s.eos_id)
     return ModeStep(tokens, logprobs, forced, active)
+
+
+def _mode_bans(s: ModeState) -> torch.Tensor:
+    """``[B, 3]`` (``kernels.sampling.MODE_BANS``, the compiled variant) int64 ids the next sampled token of each row must not be (-1: none), on the device, no sync:
+    ``think_start_id`` / ``think_end_id`` after a closed block (no_reopen); ``think_end_id`` / ``eos_id`` inside a
+    THINK row's block before ``min_end`` sampled tokens."""
+    short = (s.mode == int(Mode.THINK)) & (s.phase == PHASE_THINK) & (s.think_count < s.min_end)
+    reopen = s.closed & s.no_reopen
+    none = torch.full_like(s.think_count, -1)
+    return torch.stack([torch.where(reopen, s.think_start_id, none), torch.where(reopen | short, s.think_end_id, none),
+                        torch.where(short, s.eos_id, none)], 1)  # fmt: skip
