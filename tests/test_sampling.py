@@ -566,3 +566,239 @@ def test_public_examples_in_docstrings():
         for t in doctest.DocTestFinder().find(fn, fn.__name__, globs={}):
             runner.run(t)
     assert runner.failures == 0 and runner.tries > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Strict modes: min_think_tokens, no_reopen (banned ids inside every backend)
+# ---------------------------------------------------------------------------------------------------------------
+START, END = OPEN[0], CLOSE[1]  # "<think>", "</think>": the single tokens that open / close a block
+
+
+def _run_modes(logits, st, steps, backend, device, seed=0, **kw):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        u = torch.rand(st.batch_size, generator=gen).to(device)
+        out.append(sample_with_modes(logits.to(device), st, backend=backend, uniforms=u, **kw))
+    return (torch.stack([o.tokens.cpu() for o in out], 1), torch.stack([o.logprobs.cpu() for o in out], 1),
+            torch.stack([o.forced.cpu() for o in out], 1))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("close", [CLOSE, [END, 92]], ids=["newline-close", "close-token-first"])
+def test_min_think_tokens_thinks_despite_a_close_biased_model(backend_device, close):
+    """The close token has by far the highest logit (eos next): THINK rows forced with min_think_tokens=k still
+    think for exactly k tokens before the close sequence (greedy: ``</think>`` at the first allowed position; T=1:
+    the close token has probability ~1 once allowed), and with k=0 they close at once: the constraint is what
+    changes it. Log-probs are those of the unbanned distribution."""
+    backend, device = backend_device
+    B, ks = 8, [0, 1, 4, 6, 0, 1, 4, 6]
+    logits = torch.randn(B, V_MODES, generator=torch.Generator().manual_seed(40))
+    logits[:, END] = 30.0
+    logits[:, EOS] = 25.0
+    offset = close.index(END)  # "\n</think>": the "\n" before it does not count as thinking
+    for temperature in (0.0, 1.0):
+        st = ModeState.create([Mode.THINK] * B, OPEN, NO_THINK, close, eos_id=EOS, pad_id=PAD, min_think_tokens=ks)
+        toks, lps, forced = _run_modes(logits, st, 12, backend, device, temperature=temperature)
+        for r, k in enumerate(ks):
+            row = toks[r].tolist()
+            assert row[: len(OPEN)] == OPEN
+            first_end = row.index(END)
+            assert first_end == len(OPEN) + (k + offset if k else 0), (r, row)
+            assert EOS not in row[:first_end]
+            assert not forced[r, len(OPEN) :].any()
+        t = 1.0 if temperature == 0 else temperature
+        want = torch.log_softmax(logits / t, -1).gather(1, toks)
+        torch.testing.assert_close(lps, want)
+        assert (st.think_count == torch.tensor([k + offset + 1 if k else 1 for k in ks])).all()  # + </think>
+    # the other modes are untouched by min_think_tokens: AUTO and NO_THINK rows as without it
+    modes = [Mode.AUTO, Mode.NO_THINK, Mode.AUTO, Mode.NO_THINK]
+    a = _run_modes(logits[:4], ModeState.create(modes, OPEN, NO_THINK, close, eos_id=EOS, pad_id=PAD,
+                                                min_think_tokens=5), 8, backend, device)  # fmt: skip
+    b = _run_modes(logits[:4], ModeState.create(modes, OPEN, NO_THINK, close, eos_id=EOS, pad_id=PAD), 8, backend,
+                   device)  # fmt: skip
+    assert torch.equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_no_reopen_never_samples_a_think_tag_after_a_closed_block(backend_device):
+    """After the forced non-thinking block, a THINK block closed by its budget or by the model, and an AUTO block
+    the model closed itself, logits that strongly favour ``<think>`` and ``</think>`` never produce one with
+    no_reopen (and do without it). Sampled at T=1 with top-k / top-p (filters after the ban: the next best tokens
+    fill the nucleus) and greedy."""
+    backend, device = backend_device
+    B = 6
+    modes = [Mode.NO_THINK, Mode.THINK, Mode.AUTO, Mode.NO_THINK, Mode.THINK, Mode.AUTO]
+    logits = torch.randn(B, V_MODES, generator=torch.Generator().manual_seed(41))
+    closes_itself = torch.tensor([False, False, True, False, True, True])  # </think> first, else <think> first
+    logits[:, START] = torch.where(closes_itself, 19.0, 20.0)
+    logits[:, END] = torch.where(closes_itself, 20.0, 19.0)
+    logits[:, EOS] = -float("inf")
+    budget = torch.tensor([-1, 2, -1, -1, -1, -1])  # row 1: closed by the budget; rows 2, 4, 5: by the model
+    steps = 14
+    mk = dict(eos_id=EOS, pad_id=PAD, budget=budget, auto_ids=[START])  # AUTO: "<think>", the model decides
+    for kw in (dict(temperature=1.0, top_k=5, top_p=0.9), dict(temperature=0.0)):
+        st = ModeState.create(modes, OPEN, NO_THINK, CLOSE, **mk, no_reopen=True)
+        toks, lps, forced = _run_modes(logits, st, steps, backend, device, **kw)
+        assert st.closed.all(), toks
+        for r in range(B):
+            row = toks[r].tolist()
+            closed_at = row.index(END)  # the block's own close (forced or sampled)
+            assert closed_at < 6
+            assert START not in row[closed_at + 1 :] and END not in row[closed_at + 1 :], (r, row)
+        t = kw["temperature"] or 1.0
+        torch.testing.assert_close(lps, torch.log_softmax(logits / t, -1).gather(1, toks))
+        st = ModeState.create(modes, OPEN, NO_THINK, CLOSE, **mk)
+        free, _, _ = _run_modes(logits, st, steps, backend, device, **kw)
+        for r in range(B):
+            after = free[r].tolist()[free[r].tolist().index(END) + 1 :]
+            assert after.count(START) + after.count(END) > 4, (r, free[r].tolist())
+
+
+def test_task_tokenizer_think_tags_are_the_banned_ids():
+    """The project's task tokenizer: whatever it does with ``"\\n\\n"``, the ids that open and close a block (and
+    that strict modes ban) are its single special tokens ``<think>`` and ``</think>``, not a newline."""
+    from r4b_fast.training.task import MODE_PREFIX, THINK_CLOSE_SEQUENCE, build_tokenizer
+
+    tok = build_tokenizer()
+    ids = {m: tok.encode(MODE_PREFIX[m], add_special_tokens=False) for m in (Mode.THINK, Mode.NO_THINK)}
+    close = tok.encode(THINK_CLOSE_SEQUENCE, add_special_tokens=False)
+    eos = tok.convert_tokens_to_ids(tok.eos_token)
+    st = ModeState.create([Mode.NO_THINK, Mode.THINK], ids[Mode.THINK], ids[Mode.NO_THINK], close, eos_id=eos,
+                          pad_id=tok.pad_token_id, no_reopen=True, min_think_tokens=2)  # fmt: skip
+    assert st.think_start_id == tok.convert_tokens_to_ids("<think>")
+    assert st.think_end_id == tok.convert_tokens_to_ids("</think>")
+    nl = tok.convert_tokens_to_ids("\n")
+    assert nl not in (st.think_start_id, st.think_end_id)
+    # min_end counts the close sequence's tokens before </think> ("\n")
+    assert st.min_end.tolist() == [0, 2 + close.index(st.think_end_id)]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on the all -inf allowed row
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_banned_sampling_matches_the_reference_inverse_cdf(backend_device):
+    """The sampler with banned ids (two blocks of vocabulary, every filter) is the inverse CDF of the reference
+    distribution with those ids set to -inf first; log-probs of the unbanned row; a row whose only finite logits
+    are banned returns its first allowed id, never a banned one."""
+    backend, device = backend_device
+    B, V = 8, 1100
+    gen = torch.Generator().manual_seed(42)
+    logits = torch.randn(B, V, generator=gen) * 2
+    banned = torch.tensor([[int(logits[r].argmax()), 7, -1] for r in range(B)])  # the argmax banned: a real change
+    banned[3] = torch.tensor([-1, -1, -1])
+    banned[5, 2] = banned[5, 0]  # repeated ids
+    logits[6] = -float("inf")
+    logits[6, [0, 1]] = 3.0
+    banned[6] = torch.tensor([0, 1, -1])  # only finite logits banned -> first allowed id: 2
+    params = dict(temperature=torch.tensor([1.0, 0.7, 0.0, 1.3, 1.0, 2.0, 1.0, 1.0]),
+                  top_k=torch.tensor([0, 5, 0, 40, 0, 0, 0, 17]),
+                  top_p=torch.tensor([1.0, 1.0, 1.0, 0.6, 0.9, 0.95, 1.0, 0.5]),
+                  min_p=torch.tensor([0.0, 0.0, 0.0, 0.01, 0.0, 0.0, 0.0, 0.05]))  # fmt: skip
+    u = torch.rand(B, generator=torch.Generator().manual_seed(11))
+    tokens, logprobs, row_max, log_z, _ = sampling._sample_impl(
+        logits.to(device), *[params[k].to(device) for k in ("temperature", "top_k", "top_p", "min_p")], None, backend,
+        False, u.to(device), banned.to(device))  # fmt: skip
+    tokens, logprobs = tokens.cpu(), logprobs.cpu()
+    ok = torch.tensor([r != 6 for r in range(B)])
+    q = filtered_probs_ref(logits[ok], *[params[k][ok] for k in ("temperature", "top_k", "top_p", "min_p")],
+                           banned=banned[ok])  # fmt: skip
+    cdf = q.cumsum(1)
+    expected = torch.searchsorted(cdf, u[ok].double()[:, None], right=True).clamp(max=V - 1)[:, 0]
+    near = (cdf - u[ok].double()[:, None]).abs().min(1).values < 1e-5
+    assert ((tokens[ok] == expected) | near).all(), (tokens[ok], expected)
+    assert tokens[2] == logits[2].topk(2).indices[1]  # greedy: the best allowed token
+    assert tokens[6] == 2 and logprobs[6] == -float("inf")
+    assert not (tokens[:, None] == banned).any()
+    t = torch.where(params["temperature"] == 0, 1.0, params["temperature"])
+    want = torch.log_softmax(logits / t[:, None], -1)
+    torch.testing.assert_close(logprobs[ok], want[ok].gather(1, tokens[ok, None])[:, 0])
+    torch.testing.assert_close(row_max.cpu(), logits.amax(1))
+    torch.testing.assert_close(log_z.cpu()[ok], torch.logsumexp((logits - logits.amax(1, keepdim=True))[ok]
+                                                                / t[ok, None], -1))  # fmt: skip
+
+
+def test_banned_sampling_frequencies_match_the_reference():
+    """torch backend, candidates and full-vocabulary paths: draws with banned ids follow the reference."""
+    V, n = 64, 20000
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(43)).expand(n, V).contiguous() * 1.5
+    ban_row = torch.tensor([int(logits[0].argmax()), 3, -1])
+    banned = ban_row.expand(n, 3)
+    for candidates in (1024, 8):
+        u = torch.rand(n, generator=torch.Generator().manual_seed(candidates))
+        tokens, *_ = sampling._sample_op(logits, torch.ones(n), torch.zeros(n, dtype=torch.int64),
+                                         torch.full((n,), 0.9), torch.zeros(n), u, candidates, "torch", banned)
+        q = filtered_probs_ref(logits[:1], torch.ones(1), torch.zeros(1, dtype=torch.int64), torch.full((1,), 0.9),
+                               torch.zeros(1), banned=ban_row[None])[0]  # fmt: skip
+        assert _matches(tokens, q)
+
+
+@pytest.mark.parametrize("backend_device", [b for b in BACKENDS if b.values[0][0] != "torch"])
+def test_strict_modes_backends_agree_with_torch(backend_device):
+    """Same uniforms -> same tokens: a random mixed batch with min_think_tokens, no_reopen and a budget, run by a
+    kernel backend and by the torch backend side by side (log-probs to rounding)."""
+    backend, device = backend_device
+    B, steps = 10, 24
+    gen = torch.Generator().manual_seed(44)
+    modes = torch.randint(0, 3, (B,), generator=gen)
+    budget = torch.tensor([-1, 6, -1, 9, -1, -1, 5, -1, -1, 12])
+    mk = dict(eos_id=EOS, pad_id=PAD, budget=budget, min_think_tokens=torch.tensor([3, 2, 0, 4, 5, 1, 5, 2, 8, 3]),
+              no_reopen=True)  # fmt: skip
+    a = ModeState.create(modes.to(device), OPEN, NO_THINK, CLOSE, **mk)
+    b = ModeState.create(modes, OPEN, NO_THINK, CLOSE, **mk)
+    for _ in range(steps):
+        logits = torch.randn(B, V_MODES, generator=gen)
+        logits[:, [EOS, START, END, 92, 93]] += torch.tensor([0.5, 2.5, 3.0, 1.0, 1.0])
+        u = torch.rand(B, generator=gen)
+        sa = sample_with_modes(logits.to(device), a, temperature=0.9, top_p=0.95, uniforms=u.to(device),
+                               backend=backend)  # fmt: skip
+        sb = sample_with_modes(logits, b, temperature=0.9, top_p=0.95, uniforms=u, backend="torch")
+        assert sa.tokens.cpu().tolist() == sb.tokens.tolist()
+        torch.testing.assert_close(sa.logprobs.cpu(), sb.logprobs)
+    assert b.closed.any() and b.finished.any()
+
+
+def test_strict_modes_match_the_python_loop_processor():
+    """The device state machine's banned ids equal the host-side reference loop's, step by step, on a random mixed
+    batch (the free tokens drawn with the reference's bans)."""
+    B, steps = 12, 40
+    gen = torch.Generator().manual_seed(45)
+    modes = torch.randint(0, 3, (B,), generator=gen)
+    budget = torch.randint(-1, 10, (B,), generator=gen)
+    mt = torch.where(budget >= 0, torch.minimum(budget, torch.tensor(3)), 3)
+    kw = dict(eos_id=EOS, pad_id=PAD, budget=budget.tolist(), auto_ids=[90], no_reopen=True,
+              min_think_tokens=mt.tolist())  # fmt: skip
+    st = ModeState.create(modes, OPEN, NO_THINK, CLOSE, **{**kw, "budget": budget})
+    ref = ModeProcessorRef(modes.tolist(), OPEN, NO_THINK, CLOSE, **kw)
+    for _ in range(steps):
+        logits = torch.randn(B, V_MODES, generator=gen)
+        logits[:, [EOS, 91, 90, 92, 93]] += torch.tensor([1.5, 1.5, 2.0, 1.0, 2.5])  # special tokens come up
+        u = torch.rand(B, generator=gen)
+        bans = ref.banned()
+        ban_t = torch.tensor([b + [-1] * (4 - len(b)) for b in bans])
+        free, *_ = sampling._sample_impl(logits, *[torch.full((B,), v) for v in (1.0,)], 12, 1.0, 0.0, None, "torch",
+                                         False, u, ban_t)  # fmt: skip
+        step = sample_with_modes(logits, st, top_k=12, uniforms=u, backend="torch")
+        assert step.tokens.tolist() == ref.step(free.tolist())
+        assert step.forced.tolist() == ref.forced
+    assert st.closed.tolist() == ref.closed and st.finished.tolist() == ref.finished
+    assert st.closed.any() and st.finished.any() and any(ref.banned())
+
+
+def test_mode_state_strict_bad_input():
+    kw = dict(eos_id=EOS, pad_id=PAD)
+    for bad in ([1.5, 0], [1.0], ["1"], [True, 0], [None]):
+        with pytest.raises(ValueError, match="modes: expected integer modes"):
+            ModeState.create(bad, OPEN, NO_THINK, CLOSE, **kw)
+    import numpy as np
+
+    st = ModeState.create([np.int64(1), Mode.AUTO, 0], OPEN, NO_THINK, CLOSE, **kw)
+    assert st.mode.tolist() == [1, 2, 0]
+    for bad, match in ((-1, "values >= 0"), (1.5, "expected an int"), ([1, 2, 3], "3 values for 2 rows"),
+                       (torch.tensor([1.0, 2.0]), "integer tensor"), (torch.ones(3, dtype=torch.long), "shape")):
+        with pytest.raises(ValueError, match=f"min_think_tokens: .*{match}"):
+            ModeState.create([1, 0], OPEN, NO_THINK, CLOSE, min_think_tokens=bad, **kw)
+    with pytest.raises(ValueError, match="min_think_tokens: 5 for row 0, above its thinking budget 3"):
+        ModeState.create([1, 0], OPEN, NO_THINK, CLOSE, min_think_tokens=5, budget=3, **kw)
+    ModeState.create([0, 2], OPEN, NO_THINK, CLOSE, min_think_tokens=5, budget=3, **kw)  # not THINK rows: unused
+    with pytest.raises(ValueError, match="no_reopen: expected a bool"):
+        ModeState.create([1, 0], OPEN, NO_THINK, CLOSE, no_reopen=1, **kw)

@@ -105,6 +105,8 @@ def generate_rollouts(
     backend: str | None = None,
     prompt_embeds: Sequence[torch.Tensor] | None = None,
     noise_rows: tuple[int, int] | None = None,
+    min_think_tokens: int = 0,
+    no_reopen: bool = False,
 ) -> RolloutResult:
     """Generate ``sum(len(m) for m in modes)`` rollouts: prompt ``p`` once per entry of ``modes[p]``.
 
@@ -122,6 +124,12 @@ def generate_rollouts(
         noise_rows: ``(offset, total)``: these rollouts are rows ``[offset, offset + R)`` of a global batch of
             ``total``; each step draws the global batch's noise from ``generator`` and uses this slice, so that
             data-parallel ranks together sample exactly what one process generating the whole batch would.
+        min_think_tokens: strict thinking for THINK rollouts (0: off): ``</think>`` and eos cannot be sampled before
+            this many tokens were sampled in the think block (the close sequence's tokens before ``</think>`` not
+            counted), so a model that would close the block at once still thinks. At most ``budget``.
+        no_reopen: once a rollout's think block is closed (NO_THINK's forced empty block, or a closed thinking
+            block, AUTO included), ``<think>`` / ``</think>`` (``think_start_id`` / ``think_end_id``) cannot be
+            sampled: no think tag after the block. Both as :meth:`ModeState.create`.
 
     Returns:
         :class:`RolloutResult`.
@@ -179,7 +187,8 @@ def generate_rollouts(
     position = (attn.cumsum(1) - 1).clamp_min(0)
     state = ModeState.create(torch.tensor(row_mode, device=device), think_open_ids, no_think_ids, think_close_ids,
                              budget=budget, eos_id=eos_id, pad_id=pad_id, auto_ids=auto_ids,
-                             think_start_id=think_start_id, think_end_id=think_end_id)  # fmt: skip
+                             think_start_id=think_start_id, think_end_id=think_end_id,
+                             min_think_tokens=min_think_tokens, no_reopen=no_reopen)  # fmt: skip
     cache = _new_cache(model)
     ckw = _cache_kwarg(model)
     first = dict(attention_mask=attn, position_ids=position, use_cache=True, **{ckw: cache})

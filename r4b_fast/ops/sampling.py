@@ -925,9 +925,10 @@ def sample_with_modes(
 
 
 def _mode_bans(s: ModeState) -> torch.Tensor:
-    """``[B, 3]`` (``kernels.sampling.MODE_BANS``, the compiled variant) int64 ids the next sampled token of each row must not be (-1: none), on the device, no sync:
-    ``think_start_id`` / ``think_end_id`` after a closed block (no_reopen); ``think_end_id`` / ``eos_id`` inside a
-    THINK row's block before ``min_end`` sampled tokens."""
+    """``[B, 3]`` int64 ids the next sampled token of each row must not be (-1: none), on the device, no sync
+    (3 columns: the compiled variant ``kernels.sampling.MODE_BANS``): ``think_start_id`` / ``think_end_id`` after
+    a closed block (no_reopen); ``think_end_id`` / ``eos_id`` inside a THINK row's block before ``min_end``
+    sampled tokens."""
     short = (s.mode == int(Mode.THINK)) & (s.phase == PHASE_THINK) & (s.think_count < s.min_end)
     reopen = s.closed & s.no_reopen
     none = torch.full_like(s.think_count, -1)
