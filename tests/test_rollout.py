@@ -147,6 +147,57 @@ def test_ranks_generating_slices_sample_what_one_process_does(model):
         generate_rollouts(model, PROMPTS, MODES, **kw, generator=torch.Generator(), noise_rows=(3, total))
 
 
+def _biased(model, bias):
+    """A copy of the tiny model whose LM head adds ``bias`` [V] to every logit (a bias layer, as a model that
+    learned to close its think block at once would have)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    head = torch.nn.Linear(m.lm_head.in_features, V, bias=True)
+    head.weight.data.copy_(m.lm_head.weight.data)
+    head.bias.data.copy_(bias)
+    m.lm_head = head
+    return m.eval()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_strict_modes_through_the_rollout_engine(model, temperature):
+    """A model biased to close the block at once (``</think>`` far above everything, ``<think>`` next): with
+    min_think_tokens=3 its THINK rollouts think for 3 tokens before the close sequence ("\n</think>": </think> at
+    OPEN + 3 + 1) and with 0 close at once; with no_reopen no think tag follows a closed block (NO_THINK's forced
+    one, THINK's, AUTO's), without it they come back. Log-probs stay the unconstrained model's (a full forward)."""
+    start, end = OPEN[0], CLOSE[1]
+    bias = torch.zeros(V)
+    bias[end], bias[start] = 60.0, 50.0
+    m = _biased(model, bias)
+    modes = [[Mode.THINK, Mode.NO_THINK, Mode.AUTO]] * 2
+    kw = dict(**_kw(126), temperature=temperature, auto_ids=[start])
+    strict = generate_rollouts(m, PROMPTS[:2], modes, **kw, min_think_tokens=3, no_reopen=True,
+                               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    loose = generate_rollouts(m, PROMPTS[:2], modes, **kw, generator=torch.Generator().manual_seed(0))
+    for r in range(6):
+        row, free = strict.completions[r].tolist(), loose.completions[r].tolist()
+        mode = int(strict.modes[r])
+        first_end = row.index(end)
+        if mode == Mode.THINK:
+            assert row[: len(OPEN)] == OPEN and first_end == len(OPEN) + 3 + 1, row
+            assert free.index(end) == len(OPEN), free  # without the constraint: closed at once
+            assert not strict.forced_mask[r, len(OPEN) :].any()  # thought and closed by the model itself
+        assert start not in row[first_end + 1 :] and end not in row[first_end + 1 :], (mode, row)
+        after = free[free.index(end) + 1 :]
+        assert after.count(start) + after.count(end) >= 3, (mode, free)
+    assert strict.think_closed.all()
+    with torch.no_grad():
+        for r in range(6):
+            prompt = PROMPTS[int(strict.prompt_index[r])]
+            comp = strict.completions[r][strict.completion_mask[r]].tolist()
+            logits = m(torch.tensor([prompt + comp])).logits[0].float() / (temperature or 1.0)
+            lp = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1].gather(1, torch.tensor(comp)[:, None])[:, 0]
+            torch.testing.assert_close(strict.logprobs[r][strict.completion_mask[r]], lp, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="min_think_tokens: 5 for row 0, above its thinking budget 2"):
+        generate_rollouts(m, PROMPTS[:1], [[Mode.THINK]], **_kw(126, budget=2), min_think_tokens=5)
+
+
 def test_bad_input(model):
     with pytest.raises(ValueError, match="modes: 2 entries for 3 prompts"):
         generate_rollouts(model, PROMPTS, MODES[:2], **_kw(126))
