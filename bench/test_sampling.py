@@ -4,7 +4,8 @@ per row for forced tokens and the thinking budget), and the bi-mode rollout engi
 Sampling setup: a BPO batch (half thinking, half non-thinking rows, budget 64), V = 151936 (Qwen3's vocabulary), two
 kinds of logits: "peaked" (``randn * 4``, like an LLM's; T = 0.7, top_k = 50, top_p = 0.9) and "flat" (``randn``;
 T = 0.8, top_p = 0.9, no top-k: the nucleus holds most of the vocabulary, the worst case of a sort-free sampler). One
-call = one decoding step. On CPU: torch vs the sort baseline (the Triton interpreter's timing means nothing); on a GPU
+call = one decoding step; "strict modes" rows sample with min_think_tokens and no_reopen (banned ids in the
+kernels). On CPU: torch vs the sort baseline (the Triton interpreter's timing means nothing); on a GPU
 also the triton and cuda kernels, up to B = 512.
 """
 
@@ -63,9 +64,11 @@ def _proc(B):
     return ModeProcessorRef(_modes(B), OPEN, NO_THINK, CLOSE, budget=64, eos_id=EOS, pad_id=PAD)
 
 
-def _state(B):
+def _state(B, strict=False):
+    """strict: min_think_tokens=16 and no_reopen, every step samples with banned ids (the kernels' banned variant)."""
+    extra = dict(min_think_tokens=16, no_reopen=True) if strict else {}
     return ModeState.create(torch.tensor(_modes(B), device=DEVICE), OPEN, NO_THINK, CLOSE, budget=64, eos_id=EOS,
-                            pad_id=PAD)  # fmt: skip
+                            pad_id=PAD, **extra)  # fmt: skip
 
 
 def _group(kind, B):
@@ -83,9 +86,10 @@ def test_reference(benchmark, case):
         budget_s=BUDGET_S, B=B, V=V, logits=kind)  # fmt: skip
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["plain", "strict"])
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-B{c[1]}")
-def test_r4b_fast(benchmark, case, backend):
+def test_r4b_fast(benchmark, case, backend, strict):
     kind, B = case
     reasons = r4b_fast.not_supported_reasons(backend, DEVICE)
     if reasons:
@@ -94,9 +98,10 @@ def test_r4b_fast(benchmark, case, backend):
         pytest.skip("the Triton interpreter runs a bisection loop per row over V: its CPU timing means nothing")
     benchmark.group = _group(kind, B)
     logits, gen = _logits(B, kind), torch.Generator(device=DEVICE).manual_seed(0)
-    state = _state(B)
+    state = _state(B, strict)
     run(benchmark, lambda: sample_with_modes(logits, state, generator=gen, backend=backend, **KW[kind]),
-        impl=backend, memory=B <= 64 or DEVICE == "cuda", budget_s=BUDGET_S, B=B, V=V, logits=kind)  # fmt: skip
+        impl=backend + (" strict modes" if strict else ""), memory=B <= 64 or DEVICE == "cuda", budget_s=BUDGET_S,
+        B=B, V=V, logits=kind)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
