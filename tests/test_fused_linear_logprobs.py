@@ -377,7 +377,7 @@ def test_bad_input_logprobs():
         fused_linear_logprobs(h, w.bfloat16(), y)
     with pytest.raises(ValueError, match=r"bias: expected shape \(31,\)"):
         fused_linear_logprobs(h, w, y, bias=b[:3])
-    with pytest.raises(ValueError, match="temperature: expected a finite float > 0"):
+    with pytest.raises(ValueError, match="temperature: expected a finite float >= MIN_TEMPERATURE"):
         fused_linear_logprobs(h, w, y, temperature=0.0)
     with pytest.raises(ValueError, match=r"temperature: 1 row\(s\) not finite"):
         fused_linear_logprobs(h, w, y, temperature=torch.tensor([1.0] * 6 + [float("nan")]))
@@ -417,7 +417,7 @@ def test_bad_input_policy_loss():
         call(dual_clip=0.5)
     with pytest.raises(ValueError, match="clip_low: must be < 1"):
         call(clip_low=1.0)
-    with pytest.raises(ValueError, match="normaliser: expected a number > 0"):
+    with pytest.raises(ValueError, match="normaliser: expected a finite number > 0"):
         call(normaliser=0)
     with pytest.raises(ValueError, match=r"targets: 1 value\(s\) outside \[0, V=29\)"):
         call(targets=torch.where(torch.arange(18).view(3, 6) == 0, 999, y))  # mask[0, 0] is set

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from r4b_fast import group_advantages
+from r4b_fast.modes import Mode
 from r4b_fast.training.rewards import accuracy_reward, compute_rewards, extract_answer, format_reward
+from r4b_fast.training.task import sample_items, target_text
 
 
 @pytest.mark.parametrize(
@@ -36,10 +38,42 @@ def test_extract_answer(completion, answer):
         ("<think>\n15", "15", 0.0),  # unclosed think block: no answer
         ("<think>\n\n</think>\n\n Red ", "red", 1.0),
         ("<think>\n\n</think>\n\nredd", "red", 0.0),
+        # integers compare exactly: no relative tolerance turns an off-by-one into a match (issue #12)
+        ("<think>\n\n</think>\n\n1234568", "1234567", 0.0),
+        ("<think>\n\n</think>\n\n1234567.0", "1234567", 1.0),
+        ("<think>\n\n</think>\n\n1234567.000001", "1234567", 0.0),
+        ("<think>\n\n</think>\n\n12345678901234567891", "12345678901234567890", 0.0),
+        ("<think>\n\n</think>\n\n+15", "15", 1.0),
+        ("<think>\n\n</think>\n\n1.5e1", "15", 1.0),
+        # a non-integer reference keeps a relative tolerance of 1e-6
+        ("<think>\n\n</think>\n\n0.3333333", "0.333333", 1.0),
+        ("<think>\n\n</think>\n\n0.3334", "0.333333", 0.0),
+        # a comma is a thousands separator only in well-formed groups; elsewhere it separates numbers (issue #12)
+        ("<think>\n\n</think>\n\n1,2", "12", 0.0),
+        ("<think>\n\n</think>\n\n12", "1,2", 0.0),
+        ("<think>\n\n</think>\n\n12,34", "1234", 0.0),
+        ("<think>\n\n</think>\n\n1234,567", "1234567", 0.0),
+        ("<think>\n\n</think>\n\n1,234,567", "1234567", 1.0),
+        ("<think>\n\n</think>\n\n15, 14", "15", 0.0),
     ],
 )
 def test_accuracy_reward(completion, answer, reward):
     assert accuracy_reward(completion, answer) == reward
+
+
+def test_accuracy_reward_in_the_tasks_own_format():
+    """The task's targets (its steps separate numbers with ", ") earn 1 against the item's answer in both modes; the
+    same completion scored against an answer off by one, or by a digit moved (``"2,9"`` for 29), earns 0."""
+    items = sample_items(40, seed=3)
+    assert any(it.hard for it in items) and not all(it.hard for it in items)
+    for item in items:
+        for mode in (Mode.THINK, Mode.NO_THINK):
+            completion = target_text(item, mode)
+            assert accuracy_reward(completion, item.answer) == 1.0, completion
+            assert accuracy_reward(completion, str(int(item.answer) + 1)) == 0.0, completion
+        if len(item.answer) == 2:
+            split = f"{item.answer[0]},{item.answer[1]}"
+            assert accuracy_reward(target_text(item, Mode.NO_THINK).replace(item.answer, split), item.answer) == 0.0
 
 
 def test_format_reward():

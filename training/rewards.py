@@ -10,10 +10,15 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from r4b_fast.training.task import THINK_CLOSE, THINK_OPEN
 
-_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+# A number as the task writes it (``str(int)``, e.g. "29"), or in the usual written forms: a decimal point, an exponent,
+# and commas only as thousands separators in well-formed groups ("1,500"). Elsewhere a comma separates, as between
+# the task's written steps ("15, 14"): "1,2" is two numbers, never 12.
+_NUMBER = re.compile(r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+_INTEGER = re.compile(r"[-+]?\d+")
 
 RewardFn = Callable[[str, str], float]
 
@@ -46,26 +51,35 @@ def thought(completion: str) -> bool:
     return bool(inside.strip())
 
 
-def _as_number(text: str) -> float | None:
-    found = _NUMBER.findall(text.replace(",", ""))
-    if len(found) != 1:  # "12" -> 12; "3+5=8" or "" -> not a single number
+def _as_number(text: str) -> tuple[Decimal, bool] | None:
+    """``(value, is_integer)`` of the one number in ``text`` (exact: a Decimal), or None for none or several."""
+    found = _NUMBER.findall(text)
+    if len(found) != 1:  # "12" -> 12; "3+5=8", "1,2" or "" -> not a single number
         return None
-    value = float(found[0])
-    return value if math.isfinite(value) else None
+    literal = found[0].replace(",", "")
+    value = Decimal(literal)
+    return (value, bool(_INTEGER.fullmatch(literal))) if value.is_finite() else None
 
 
 def accuracy_reward(completion: str, answer: str) -> float:
     """1.0 if the extracted answer equals the reference answer, else 0.0.
 
-    Numbers compare numerically (``"15"`` == ``"15.0"`` == ``" 15 "``, relative tolerance 1e-6); anything else
-    compares exactly after stripping whitespace and case-folding.
+    Numbers compare by value: an integer reference exactly (``"15"`` == ``"15.0"`` == ``" 15 "`` == ``"+15"``, but
+    ``"1234568"`` != ``"1234567"``), a non-integer reference within a relative tolerance of 1e-6. A comma is a
+    thousands separator only in well-formed groups (``"1,500"`` == ``"1500"``; ``"1,2"`` is two numbers: 0).
+    Anything else compares exactly after stripping whitespace and case-folding.
     """
     got = extract_answer(completion)
     if got is None:
         return 0.0
     want_num, got_num = _as_number(answer), _as_number(got)
     if want_num is not None:
-        return float(got_num is not None and math.isclose(got_num, want_num, rel_tol=1e-6, abs_tol=1e-9))
+        if got_num is None:
+            return 0.0
+        (want, want_int), (value, _) = want_num, got_num
+        if want_int:  # counts and sums are exact: no tolerance may turn an off-by-one into a match
+            return float(value == want)
+        return float(math.isclose(float(value), float(want), rel_tol=1e-6, abs_tol=1e-9))
     return float(got.casefold() == answer.strip().casefold())
 
 

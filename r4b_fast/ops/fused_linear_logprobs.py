@@ -51,6 +51,12 @@ IMPORTANCE_LEVELS = ("token", "sequence")
 # at T=8192.
 CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
 EPILOGUE_ELEMENTS = 1 << 20  # the torch epilogue's row slice (4 MiB fp32): its passes over a slice stay in cache
+# The smallest temperature the log-prob ops accept. They scale the logits by 1 / T in fp32: at T = 1e-38 (1 / T is
+# still finite) a logit of 4 already overflows to inf and the result is NaN. At 1e-6 only logits beyond 3e32 would;
+# a rollout colder than that is greedy decoding, whose log-probs are those at T = 1 (as the sampler reports them).
+MIN_TEMPERATURE = 1e-6
+# hidden / weight dtypes of the fused LM head: the epilogues compute in fp32, so float64 would be silently rounded
+LM_HEAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,7 +296,7 @@ def _check_values(targets, temperature, vocab, ignore_index):
     """Raise ValueError for targets out of range or bad temperatures: one host sync."""
     valid = targets != ignore_index
     bad_t = (valid & ((targets < 0) | (targets >= vocab))).sum()
-    bad_temp = (~(torch.isfinite(temperature) & (temperature > 0))).sum()
+    bad_temp = (~(torch.isfinite(temperature) & (temperature >= MIN_TEMPERATURE))).sum()
     n_bad_t, n_bad_temp = torch.stack([bad_t, bad_temp]).tolist()
     if n_bad_t:
         bad = valid & ((targets < 0) | (targets >= vocab))
@@ -300,7 +306,7 @@ def _check_values(targets, temperature, vocab, ignore_index):
             f"first at row {first} ({int(targets[first])})"
         )
     if n_bad_temp:
-        raise ValueError(f"temperature: {n_bad_temp} row(s) not finite and > 0")
+        raise ValueError(f"temperature: {n_bad_temp} row(s) not finite or below MIN_TEMPERATURE={MIN_TEMPERATURE}")
 
 
 def _head(hidden, weight, bias, targets, temperature, ignore_index, backend) -> _Head:
@@ -535,7 +541,8 @@ _attach_grads_op.register_autograd(_attach_backward, setup_context=_attach_setup
 # ----------------------------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------------------------
-def _check_float(name, t, shape=None, dtype=None, device=None):
+def _check_float(name, t, shape=None, dtype=None, device=None, ref="hidden"):
+    """``t`` is a float tensor (of ``shape`` / ``dtype`` / ``device`` when given, those of the argument ``ref``)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if not t.dtype.is_floating_point:
@@ -543,30 +550,35 @@ def _check_float(name, t, shape=None, dtype=None, device=None):
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
     if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name}: dtype {t.dtype} differs from hidden's {dtype}")
+        raise TypeError(f"{name}: dtype {t.dtype} differs from {ref}'s {dtype}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name}: on device {t.device}, but hidden is on {device}")
+        raise ValueError(f"{name}: on device {t.device}, but {ref} is on {device}")
 
 
-def _check_targets(targets, shape, device):
+def _check_targets(targets, shape, device, ref="hidden", shape_of="hidden.shape[:-1]"):
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets: expected a torch.Tensor, got {type(targets).__name__}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"targets: expected an integer tensor, got dtype {targets.dtype}")
     if tuple(targets.shape) != tuple(shape):
-        raise ValueError(f"targets: expected shape {tuple(shape)} (hidden.shape[:-1]), got {tuple(targets.shape)}")
+        raise ValueError(f"targets: expected shape {tuple(shape)} ({shape_of}), got {tuple(targets.shape)}")
     if targets.device != device:
-        raise ValueError(f"targets: on device {targets.device}, but hidden is on {device}")
+        raise ValueError(f"targets: on device {targets.device}, but {ref} is on {device}")
+
+
+def _check_temperature_float(temperature):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature: expected a float or a tensor, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature: expected a finite float >= MIN_TEMPERATURE={MIN_TEMPERATURE} (the logits are "
+                         f"scaled by 1 / temperature in fp32), got {temperature!r}")
 
 
 def _temperature_tensor(temperature, shape, device):
     if isinstance(temperature, torch.Tensor):
         _check_float("temperature", temperature, shape=shape, device=device)
         return temperature.detach().float().reshape(-1).contiguous()
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature: expected a float or a tensor, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature: expected a finite float > 0, got {temperature!r}")
+    _check_temperature_float(temperature)
     return torch.full((math.prod(shape),), float(temperature), dtype=torch.float32, device=device)
 
 
@@ -585,6 +597,9 @@ def _autocast_inputs(hidden, weight, bias):
 
 def _validate_linear(hidden, weight, bias):
     _check_float("hidden", hidden)
+    if hidden.dtype not in LM_HEAD_DTYPES:
+        raise TypeError(f"hidden: dtype {hidden.dtype} is not supported: the fused LM head computes in float32 (its "
+                        f"GEMMs in the input dtype), so give one of {LM_HEAD_DTYPES}")
     if hidden.dim() < 2:
         raise ValueError(f"hidden: expected [..., H] with at least 2 dims, got shape {tuple(hidden.shape)}")
     _check_float("weight", weight, dtype=hidden.dtype, device=hidden.device)
@@ -637,7 +652,8 @@ def fused_linear_logprobs(
             original tensors through the cast).
         targets: ``[...]`` integer token ids (``hidden.shape[:-1]``), in ``[0, V)`` or equal to ``ignore_index``.
         bias: optional ``[V]`` LM-head bias.
-        temperature: a float > 0, or a ``[...]`` per-row tensor (not differentiated).
+        temperature: a finite float ``>= MIN_TEMPERATURE`` (1e-6), or a ``[...]`` per-row tensor of such values (not
+            differentiated).
         return_entropy: also return the entropy of each row's distribution (differentiable too).
         ignore_index: rows with this target give 0 (log-prob and entropy) and no gradient.
         backend: ``"torch"`` or ``"triton"``; default ``$R4B_FAST_BACKEND`` or the best for the device.
@@ -646,7 +662,8 @@ def fused_linear_logprobs(
         ``logprobs`` (``[...]`` float32), or ``(logprobs, entropy)`` with ``return_entropy=True``. Differentiable in
         ``hidden``, ``weight`` and ``bias``; the backward recomputes the logits chunk by chunk (4 GEMMs for forward +
         backward; a loss on these outputs is cheaper through :func:`fused_linear_policy_loss`, 3 GEMMs). The value
-        checks (targets in range, temperatures finite and > 0) cost one host sync per call, also under torch.compile.
+        checks (targets in range, temperatures finite and ``>= MIN_TEMPERATURE``) cost one host sync per call, also
+        under torch.compile.
 
     Example:
         >>> import torch, r4b_fast
@@ -675,14 +692,17 @@ def logprobs_from_logits(
     """Log-probs (and entropy) of ``targets`` for callers that already hold the logits; compile-safe torch ops.
 
     Args:
-        logits: ``[..., V]`` float logits (any float dtype; the computation runs in fp32).
+        logits: ``[..., V]`` float logits (float64 is computed in float64; every other dtype in float32).
         targets: ``[...]`` integer ids in ``[0, V)``.
-        temperature: a float > 0 or a ``[...]`` per-row tensor; the logits are divided by it.
+        temperature: a finite float ``>= MIN_TEMPERATURE`` or a ``[...]`` per-row tensor of such values; the logits
+            are divided by it.
         return_entropy: also return the entropy of ``softmax(logits / temperature)``.
 
     Returns:
-        ``logprobs`` ``[...]`` float32 (and ``entropy`` ``[...]`` float32). Uses ``log_softmax`` (max-shifted), so
-        all-negative or very large logits are exact.
+        ``logprobs`` ``[...]`` float32 (float64 for float64 logits), and ``entropy`` ``[...]`` of the same dtype.
+        Uses ``log_softmax`` (max-shifted), so all-negative or very large logits are exact. The value checks
+        (targets in range, tensor temperatures finite and ``>= MIN_TEMPERATURE``) cost one host sync; under
+        ``torch.compile`` they are skipped.
 
     Example:
         >>> import torch, r4b_fast
@@ -692,13 +712,32 @@ def logprobs_from_logits(
     _check_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits: expected [..., V] with V > 0, got shape {tuple(logits.shape)}")
-    _check_targets(targets, logits.shape[:-1], logits.device)
+    V = logits.shape[-1]
+    _check_targets(targets, logits.shape[:-1], logits.device, ref="logits", shape_of="logits.shape[:-1]")
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    temp = None
     if isinstance(temperature, torch.Tensor):
-        _check_float("temperature", temperature, shape=logits.shape[:-1], device=logits.device)
-        x = logits.float() / temperature.float().unsqueeze(-1)
+        _check_float("temperature", temperature, shape=logits.shape[:-1], device=logits.device, ref="logits")
+        temp = temperature.detach().to(compute)
     else:
-        _temperature_tensor(temperature, (1,), logits.device)  # validates the float
-        x = logits.float() / float(temperature) if temperature != 1.0 else logits.float()
+        _check_temperature_float(temperature)
+    if not torch.compiler.is_compiling():  # one host sync for the value checks
+        bad = (targets < 0) | (targets >= V)
+        checks = [bad.sum()]
+        if temp is not None:
+            checks.append((~(torch.isfinite(temp) & (temp >= MIN_TEMPERATURE))).sum())
+        counts = torch.stack(checks).tolist()
+        if counts[0]:
+            first = tuple(int(i) for i in torch.nonzero(bad)[0])
+            raise ValueError(f"targets: {counts[0]} value(s) outside [0, V={V}); first at index {first} "
+                             f"({int(targets[first])})")
+        if len(counts) > 1 and counts[1]:
+            raise ValueError(f"temperature: {counts[1]} value(s) not finite or below MIN_TEMPERATURE={MIN_TEMPERATURE}")
+    x = logits.to(compute)
+    if temp is not None:
+        x = x / temp.unsqueeze(-1)
+    elif temperature != 1.0:
+        x = x / float(temperature)
     logsm = torch.log_softmax(x, dim=-1)  # max-shifted: no cancellation for large or all-negative logits
     logp = logsm.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     if not return_entropy:
@@ -761,18 +800,21 @@ def fused_linear_policy_loss(
         hidden: ``[B, L, H]`` last hidden states (``[B*L, H]`` also accepted).
         weight: ``[V, H]`` LM-head weight (same dtype/device); ``bias`` optional ``[V]``.
         targets: ``[B, L]`` integer ids; any value where ``mask`` is 0 (padding), ``[0, V)`` elsewhere.
-        advantages: ``[B]`` per sequence (broadcast over tokens) or ``[B, L]`` per token, finite.
-        mask: ``[B, L]`` bool or 0/1 float, the response tokens that count.
-        old_logprobs: ``[B, L]`` log-probs of the behaviour policy; None = on-policy (ratio 1, gradient flows).
-        ref_logprobs: ``[B, L]`` reference log-probs for the k3 KL (needed when ``beta != 0``).
+        advantages: ``[B]`` per sequence (broadcast over tokens) or ``[B, L]`` per token, finite; a constant of the
+            loss (detached).
+        mask: ``[B, L]`` bool, or 0/1 float / integer, the response tokens that count (other values are an error).
+        old_logprobs: ``[B, L]`` log-probs of the behaviour policy (detached); None = on-policy (ratio 1, gradient
+            flows).
+        ref_logprobs: ``[B, L]`` reference log-probs for the k3 KL (needed when ``beta != 0``; detached).
         beta, clip_low, clip_high, dual_clip, entropy_coef: as in the formula (``clip_high`` > ``clip_low`` is
             DAPO's clip-higher; ``dual_clip`` is verl's ``clip_ratio_c``).
-        temperature: float > 0 or ``[B, L]`` per-token tensor, applied to the logits.
+        temperature: a finite float ``>= MIN_TEMPERATURE`` or a ``[B, L]`` per-token tensor, applied to the logits.
         aggregation: verl's ``loss_agg_mode``: ``"token-mean"`` (sum / masked tokens, DAPO), ``"seq-mean-token-mean"``
             (GRPO), ``"seq-mean-token-sum"``, ``"seq-mean-token-sum-norm"`` (Dr.GRPO: token sum / ``max_length``,
             then mean over sequences). Sequence means run over sequences with at least one masked token.
         normaliser: replaces the denominator: the global masked-token count (token-mean) or global sequence count
-            (seq-mean-*) when gradients are accumulated over micro-batches.
+            (seq-mean-*) when gradients are accumulated over micro-batches; a finite number > 0 or a one-element
+            tensor of one.
         max_length: the constant length of ``seq-mean-token-sum-norm`` (default ``L``).
         importance_level: ``"token"`` (PPO/GRPO) or ``"sequence"`` (GSPO: ``s_i = exp(mean_t(logp - old))`` per
             sequence, per-token ``s_i = sg[s_i] * pi(y_t) / sg[pi(y_t)]``).
@@ -800,11 +842,15 @@ def fused_linear_policy_loss(
         raise ValueError(f"targets: expected [B, L], got {shape}")
     B, L = targets.shape
     H = hidden.shape[-1]
+    V = weight.shape[0]
     if tuple(hidden.shape) not in ((B, L, H), (B * L, H)):
         raise ValueError(f"hidden: expected [B={B}, L={L}, H] or [B*L, H] to match targets, got {tuple(hidden.shape)}")
     dev = hidden.device
+    _check_targets(targets, (B, L), dev, shape_of="[B, L]")
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"mask: expected a bool or 0/1 tensor, got dtype {mask.dtype}")
     if tuple(mask.shape) != (B, L):
         raise ValueError(f"mask: expected shape {(B, L)}, got {tuple(mask.shape)}")
     if mask.device != dev:
@@ -838,23 +884,50 @@ def fused_linear_policy_loss(
         if isinstance(normaliser, torch.Tensor):
             if normaliser.numel() != 1:
                 raise ValueError(f"normaliser: expected a scalar, got shape {tuple(normaliser.shape)}")
-        elif isinstance(normaliser, bool) or not isinstance(normaliser, (int, float)) or not normaliser > 0:
-            raise ValueError(f"normaliser: expected a number > 0, got {normaliser!r}")
-    if not torch.compiler.is_compiling():  # value checks (one host sync); under compile only the op's checks run
-        checks = [(~torch.isfinite(advantages)).sum()]
-        checks += [(~torch.isfinite(t)).sum() if t is not None else checks[0] * 0 for t in (old_logprobs, ref_logprobs)]
-        n_adv, n_old, n_ref = torch.stack(checks).tolist()
-        for name, n in (("advantages", n_adv), ("old_logprobs", n_old), ("ref_logprobs", n_ref)):
-            if n:
-                raise ValueError(f"{name}: {n} non-finite value(s)")
+            if normaliser.dtype.is_complex or normaliser.dtype == torch.bool:
+                raise TypeError(f"normaliser: expected a real number, got dtype {normaliser.dtype}")
+            normaliser = normaliser.detach().reshape(())
+        elif (isinstance(normaliser, bool) or not isinstance(normaliser, (int, float)) or not math.isfinite(normaliser)
+              or not normaliser > 0):
+            raise ValueError(f"normaliser: expected a finite number > 0, got {normaliser!r}")
 
     mask_b = mask if mask.dtype == torch.bool else mask != 0
+    if not torch.compiler.is_compiling():  # value checks (one host sync); under compile only the op's checks run
+        zero = torch.zeros((), dtype=torch.int64, device=dev)
+        bad_target = mask_b & ((targets < 0) | (targets >= V))
+        checks = {
+            "advantages": (~torch.isfinite(advantages)).sum(),
+            "old_logprobs": (~torch.isfinite(old_logprobs)).sum() if old_logprobs is not None else zero,
+            "ref_logprobs": (~torch.isfinite(ref_logprobs)).sum() if ref_logprobs is not None else zero,
+            # NaN != 0 and 0.5 != 0: a loose mask would count such positions as whole tokens
+            "mask": ((mask != 0) & (mask != 1)).sum() if mask.dtype != torch.bool else zero,
+            "targets": bad_target.sum(),
+            "normaliser": ((~torch.isfinite(normaliser)) | (normaliser <= 0)).sum().to(dev)
+            if isinstance(normaliser, torch.Tensor) else zero,
+        }  # fmt: skip
+        counts = dict(zip(checks, torch.stack(list(checks.values())).tolist()))
+        for name in ("advantages", "old_logprobs", "ref_logprobs"):
+            if counts[name]:
+                raise ValueError(f"{name}: {counts[name]} non-finite value(s)")
+        if counts["mask"]:
+            first = tuple(int(i) for i in torch.nonzero((mask != 0) & (mask != 1))[0])
+            raise ValueError(f"mask: {counts['mask']} value(s) neither 0 nor 1 (a weight is not a mask); first at "
+                             f"{first} ({mask[first].item()})")
+        if counts["targets"]:
+            first = tuple(int(i) for i in torch.nonzero(bad_target)[0])
+            raise ValueError(f"targets: {counts['targets']} value(s) outside [0, V={V}) where mask is 1 (ignore-index "
+                             f"labels such as -100 belong where mask is 0); first at {first} ({int(targets[first])})")
+        if counts["normaliser"]:
+            raise ValueError(f"normaliser: expected a finite number > 0, got {normaliser.item()!r}")
+
     mask_f = mask_b.float()
     ignore = -100
     # Padding positions may hold anything: their targets are ignored and their loss inputs zeroed, so no inf/NaN there
-    # reaches the loss or (as 0 * inf) the gradient.
-    safe_targets = torch.where(mask_b, targets.long(), ignore)
-    adv = (advantages.float()[:, None] if advantages.dim() == 1 else advantages.float()).expand(B, L)
+    # reaches the loss or (as 0 * inf) the gradient. A masked-in target equal to the internal ignore index (checked
+    # above, but not under compile) becomes -1, so the op's own range check rejects it instead of dropping the token.
+    safe_targets = torch.where(mask_b, torch.where(targets == ignore, -1, targets.long()), ignore)
+    adv = advantages.detach().float()  # a constant of the loss, as in TRL and verl
+    adv = (adv[:, None] if adv.dim() == 1 else adv).expand(B, L)
     adv = torch.where(mask_b, adv, 0.0)
     old = torch.where(mask_b, old_logprobs.detach().float(), 0.0) if old_logprobs is not None else None
     ref = torch.where(mask_b, ref_logprobs.detach().float(), 0.0) if ref_logprobs is not None else None

@@ -395,9 +395,11 @@ def group_advantages(
     Args:
         rewards: ``[N]`` float32/float64/bfloat16/float16, one scalar reward per rollout (not differentiated).
         group_size: rollouts per group when groups are contiguous runs of equal size (``N % group_size == 0``).
-        group_index: ``[N]`` integer group id per rollout, for ragged or interleaved groups (instead of group_size).
-        num_groups: number of groups with ``group_index`` (default ``group_index.max() + 1``, one host sync; pass
-            it under ``torch.compile``).
+        group_index: ``[N]`` integer group id per rollout in ``[0, num_groups)``, for ragged or interleaved groups
+            (instead of group_size). Ids are row indices of the per-group outputs: sparse ids (e.g. dataset prompt
+            ids) must be relabelled to ``0..G-1`` first (``torch.unique(group_index, return_inverse=True)[1]``).
+        num_groups: number of groups with ``group_index``, at most ``N`` (default ``group_index.max() + 1``, one
+            host sync; pass it under ``torch.compile``).
         modes: ``[N]`` integer ``r4b_fast.Mode`` per rollout (0 no-think, 1 think, 2 auto); enables per-mode stats.
         estimator: ``"grpo"`` ``(r - mean_g) / (std_g + eps)``; ``"bpo"`` the same over R-4B's mixed group of
             thinking and non-thinking rollouts (every group must hold both); ``"drgrpo"`` ``r - mean_g`` (no std);
@@ -456,10 +458,24 @@ def group_advantages(
         num_groups = n // group_size
     else:
         group_index = _check_index_tensor("group_index", group_index, n, rewards.device)
+        # Ids index the per-group buffers and outputs: sparse ids (prompt ids up to 1e8, say) would size them by the
+        # largest id (20 GB for 8 rollouts), so the number of groups is bounded by the number of rollouts.
+        relabel = "relabel the ids to 0..G-1 first, e.g. torch.unique(group_index, return_inverse=True)[1]"
         if num_groups is None:
-            num_groups = int(group_index.max()) + 1
+            gmax = int(group_index.max())
+            if gmax >= n:
+                raise ValueError(
+                    f"group_index: largest id {gmax} for N = {n} rollouts; the per-group outputs have one row per id "
+                    f"up to the largest (num_groups = max + 1), so at most N groups are accepted: {relabel}"
+                )
+            num_groups = gmax + 1
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
+        if num_groups > n:
+            raise ValueError(
+                f"num_groups: {num_groups} groups for N = {n} rollouts (at least {num_groups - n} empty); every "
+                f"per-group buffer has num_groups rows, so at most N groups are accepted: {relabel}"
+            )
     if modes is not None:
         modes = _check_index_tensor("modes", modes, n, rewards.device)
     elif estimator == "bpo":
