@@ -92,10 +92,11 @@ def test_bpo_trains_on_a_dataset_and_reports_skipped_rows(data_dir, tmp_path):
     assert "skipped train.jsonl row 5: image: cannot be decoded" in proc.stderr
     log = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert log[-1]["step"] == 2 and any(k.startswith("eval/acc_auto_") for k in log[0])
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)  # default: raise at the first bad row
+    # the same folder again: --overwrite (a previous run is never replaced without it)
+    proc = subprocess.run([*args, "--overwrite"], capture_output=True, text=True, timeout=600)  # raise at the first
     assert proc.returncode != 0 and "row 3: answer: missing" in proc.stderr
-    proc = subprocess.run([*args, "--on-bad-row", "skip", "--max-prompt-tokens", "5"], capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([*args, "--overwrite", "--on-bad-row", "skip", "--max-prompt-tokens", "5"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "no usable rows" in proc.stderr and "exceeds --max-prompt-tokens 5" in proc.stderr
 
 

@@ -23,14 +23,23 @@ from r4b_fast import fused_linear_logprobs, pack_multimodal
 from r4b_fast.modes import Mode
 from r4b_fast.packed_forward import packed_forward
 from r4b_fast.training.common import (
+    CheckpointError,
     LossModule,
     MetricsLogger,
+    NonFiniteError,
     add_device_arguments,
+    add_run_arguments,
+    apply_learning_rates,
     autocast,
+    check_finite_step,
+    check_range,
+    check_resume,
     device_from_arguments,
     init_distributed,
     load_checkpoint,
     load_model,
+    prepare_output_dir,
+    run_settings,
     save_checkpoint,
     set_seed,
     shard_model,
@@ -133,23 +142,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--eval-items", type=int, default=128, help="0 skips the final evaluation")
     parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/annealing"))
+    add_run_arguments(parser)
     add_device_arguments(parser)
     parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: die like a kill
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "hidden_size", "layers", "max_prompt_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    for name in ("warmup", "eval_items", "save_every"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed: expected an integer in [0, 2^32), got {args.seed}")
+    for flag in ("--lr-llm", "--lr-projector", "--lr-vision"):  # 0 freezes that part; negative is gradient ascent
+        check_range(parser, flag, getattr(args, flag[2:].replace("-", "_")), low_inclusive=True)
     if args.dataset is not None and not args.dataset.exists():
         parser.error(f"--dataset: {args.dataset} does not exist")
     device, precision = device_from_arguments(parser, args)
+    # the run folder and a resume's settings are checked before anything loads
+    settings = run_settings(args, SETTINGS)
+    manifest = prepare_output_dir(parser, args)
+    changes = [] if manifest is None else check_resume(parser, args, manifest, settings)
+    try:
+        return _train(args, device, precision, settings, changes)
+    except (CheckpointError, NonFiniteError) as err:  # a full disk, a NaN: the message says what and where
+        raise SystemExit(f"annealing: {err}") from err
+
+
+# the settings that alter the math of a step (the cosine schedule spans --steps): a resume with other values is
+# refused unless --allow-changed-settings
+SETTINGS = ("model", "dataset", "on_bad_row", "max_prompt_tokens", "steps", "batch_size", "lr_llm", "lr_projector",
+            "lr_vision", "warmup", "hidden_size", "layers", "seed", "precision")
+
+
+def _train(args, device, precision, settings: dict, changes: list[str]) -> int:
 
     set_seed(args.seed)
     rank, world = init_distributed(device)
     if world > 1 and args.batch_size % world:
-        parser.error(f"--batch-size {args.batch_size} must divide by the world size {world}")
+        raise SystemExit(f"--batch-size {args.batch_size} must divide by the world size {world}")
     if args.model is None:
         tokenizer = build_tokenizer()
         model = build_tiny_r4b(tokenizer, hidden_size=args.hidden_size, layers=args.layers, seed=args.seed).to(device)
@@ -167,13 +200,20 @@ def main(argv: list[str] | None = None) -> int:
     # the loss as a module: FSDP2's root under torchrun (same seeded weights on every rank), a plain wrapper alone
     loss_module = shard_model(model, sft_loss, device) if world > 1 else LossModule(model, sft_loss)
     optimizer = torch.optim.AdamW(parameter_groups(model, args.lr_vision, args.lr_projector, args.lr_llm))
+    base_lrs = [group["lr"] for group in optimizer.param_groups]  # this run's: a resume restores the checkpoint's
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, args.steps, args.warmup))
     checkpoint_dir = args.output_dir / "checkpoint"
     start_step = 0
     if args.resume:
-        start_step = load_checkpoint(checkpoint_dir, loss_module, optimizer, scheduler)["step"]
+        loaded = load_checkpoint(checkpoint_dir, loss_module, optimizer, scheduler)
+        start_step = loaded["step"]
         if rank == 0:
-            print(f"resumed from {checkpoint_dir} at step {start_step}")
+            print(f"resumed from {loaded['path']} at step {start_step}")
+            for change in changes:
+                print(f"resume: changed setting {change} (--allow-changed-settings)")
+        apply_learning_rates(optimizer, scheduler, base_lrs)
+        if start_step >= args.steps and rank == 0:
+            print(f"the checkpoint is at the last step ({start_step} of --steps {args.steps}): nothing left to train")
     logger = MetricsLogger(args.output_dir, resume_step=start_step if args.resume else None) if rank == 0 else None
     think_share = sum(m == Mode.THINK for m in train_modes) / len(train_modes)
     if rank == 0:
@@ -202,11 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         if world > 1:
             torch.distributed.all_reduce(loss)  # the global token mean, what one process would log
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        check_finite_step(step + 1, loss.item(), grad_norm.item())  # the same on every rank: all stop together
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         elapsed = round(time.perf_counter() - start, 2)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         if logger is not None:
             logger.log(step + 1, {"loss": loss.item(), "grad_norm": grad_norm.item(), "tokens": int(n_global),
                                   "lr_llm": scheduler.get_last_lr()[-1], "elapsed_s": elapsed})
@@ -215,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(f"step {step + 1}/{args.steps}: loss {loss.item():.4f} ({elapsed:.0f} s)")
         done = step + 1
         if done == args.steps or (args.save_every and done % args.save_every == 0):
-            save_checkpoint(checkpoint_dir, loss_module, optimizer, scheduler, done)  # every rank: gathers shards
+            save_checkpoint(checkpoint_dir, loss_module, optimizer, scheduler, done,
+                            settings=settings)  # every rank: gathers shards
         if args.stop_after is not None and done == args.stop_after:
             os._exit(3)  # no cleanup, no final save: what a kill leaves behind
     if world > 1:  # gather the shards; rank 0 goes on with a plain transformers model
@@ -228,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         model = model_class(model_config)
         model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
         model.to(device)
+    # the model first: an evaluation that fails never costs the trained weights
+    model.save_pretrained(args.output_dir / "model")
+    tokenizer.save_pretrained(args.output_dir / "model")
+    if encoder.image_processor is not None:  # the folder stays loadable with the same image pipeline
+        encoder.image_processor.save_pretrained(args.output_dir / "model")
+    print(f"saved {args.output_dir / 'model'}")
     if args.eval_items and args.dataset is not None:
         print("evaluation covers the embedded task only: skipped with --dataset (BPO evaluates held-out rows)")
     if args.eval_items and args.dataset is None:
@@ -239,11 +287,6 @@ def main(argv: list[str] | None = None) -> int:
         logger.log(args.steps, metrics)
         print("eval: " + ", ".join(f"{k.removeprefix('eval/')} {v:.2f}" for k, v in sorted(metrics.items())))
     logger.close()
-    model.save_pretrained(args.output_dir / "model")
-    tokenizer.save_pretrained(args.output_dir / "model")
-    if encoder.image_processor is not None:  # the folder stays loadable with the same image pipeline
-        encoder.image_processor.save_pretrained(args.output_dir / "model")
-    print(f"saved {args.output_dir / 'model'}")
     return 0
 
 

@@ -30,14 +30,23 @@ from r4b_fast.modes import Mode
 from r4b_fast.ops.fused_linear_logprobs import fused_linear_logprobs, fused_linear_policy_loss
 from r4b_fast.packed_forward import packed_forward
 from r4b_fast.training.common import (
+    CheckpointError,
     LossModule,
     MetricsLogger,
+    NonFiniteError,
     add_device_arguments,
+    add_run_arguments,
+    apply_learning_rates,
     autocast,
+    check_finite_step,
+    check_range,
+    check_resume,
     device_from_arguments,
     init_distributed,
     load_checkpoint,
     load_model,
+    prepare_output_dir,
+    run_settings,
     save_checkpoint,
     set_seed,
     shard_model,
@@ -115,10 +124,10 @@ def parse_args(argv):
     p.add_argument("--save-every", type=int, default=25)
     p.add_argument("--log-every", type=int, default=10, help="print a metrics line every N steps")
     p.add_argument("--on-reward-error", choices=("raise", "skip"), default="raise")
-    p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", type=Path, default=Path("runs/bpo"))
     p.add_argument("--plot", action="store_true", help="draw curves.png at the end")
+    add_run_arguments(p)
     add_device_arguments(p)
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: die like a kill
     args = p.parse_args(argv)
@@ -126,8 +135,18 @@ def parse_args(argv):
                  "save_every", "eval_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.temperature <= 0:
-        p.error("--temperature must be > 0 for training (rollouts are sampled and scored at this temperature)")
+    if args.eval_items < 0:
+        p.error(f"--eval-items must be >= 0 (0: no evaluation), got {args.eval_items}")
+    if args.max_prompt_tokens < 1:
+        p.error(f"--max-prompt-tokens must be positive, got {args.max_prompt_tokens}")
+    if not 0 <= args.seed < 2**32:
+        p.error(f"--seed: expected an integer in [0, 2^32), got {args.seed}")
+    check_range(p, "--lr", args.lr)
+    # rollouts are sampled and scored at this temperature: below 1e-3 the logits / T overflow into NaN
+    check_range(p, "--temperature", args.temperature, low=1e-3, low_inclusive=True)
+    check_range(p, "--clip", args.clip, high=1.0, high_inclusive=False)  # the ratio's range is [1 - clip, 1 + clip]
+    check_range(p, "--beta", args.beta, low_inclusive=True)
+    check_range(p, "--hard-fraction", args.hard_fraction, high=1.0, low_inclusive=True)
     if args.prompts * 2 * args.g % (args.mini_batches * args.grad_accum):
         p.error("--mini-batches x --grad-accum must divide the rollouts per step (prompts x 2g)")
     name = str(args.model)
@@ -135,7 +154,18 @@ def parse_args(argv):
     if not args.model.exists() and not hub_id:
         p.error(f"--model: {args.model} does not exist (run `python -m r4b_fast.training.annealing` to make one)")
     args.device, args.precision = device_from_arguments(p, args)
+    # every setting is checked before the model loads: the run folder, and a resume against its checkpoint
+    args.settings = run_settings(args, SETTINGS)
+    args.checkpoint_manifest = prepare_output_dir(p, args)
+    args.changed_settings = [] if args.checkpoint_manifest is None else \
+        check_resume(p, args, args.checkpoint_manifest, args.settings)
     return args
+
+
+# the settings that alter the math of a step: a resume with other values is refused (--allow-changed-settings)
+SETTINGS = ("model", "algo", "prompts", "g", "max_new_tokens", "temperature", "lr", "ppo_epochs", "mini_batches",
+            "grad_accum", "clip", "aggregation", "beta", "hard_fraction", "dataset", "on_bad_row",
+            "max_prompt_tokens", "seed", "precision")
 
 
 @dataclass
@@ -163,6 +193,13 @@ def micro_batch_loss(model, mb: MicroBatch, tokens: ModeTokens, args, normaliser
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return _train(args)
+    except (CheckpointError, NonFiniteError) as err:  # a full disk, a NaN: the message says what and where
+        raise SystemExit(f"bpo: {err}") from err
+
+
+def _train(args) -> int:
     device, precision = args.device, args.precision
     set_seed(args.seed)
     rank, world = init_distributed(device)
@@ -189,12 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     start_step = 0
     checkpoint_dir = args.output_dir / "checkpoint"
-    if args.resume:
-        start_step = load_checkpoint(checkpoint_dir, loss_module, optimizer, scheduler)["step"]
-        if rank == 0:
-            print(f"resumed from {checkpoint_dir} at step {start_step}")
-    logger = MetricsLogger(args.output_dir, resume_step=start_step if args.resume else None) if rank == 0 else None
     train_rows, eval_items = _data(args, tokenizer, n_img)
+    if args.resume:
+        loaded = load_checkpoint(checkpoint_dir, loss_module, optimizer, scheduler)
+        start_step = loaded["step"]
+        if rank == 0:
+            print(f"resumed from {loaded['path']} at step {start_step}")
+            for change in args.changed_settings:
+                print(f"resume: changed setting {change} (--allow-changed-settings)")
+        apply_learning_rates(optimizer, scheduler, [args.lr])  # the run's --lr, not the one the checkpoint had
+        if start_step >= args.steps and rank == 0:
+            print(f"the checkpoint is at the last step ({start_step} of --steps {args.steps}): nothing left to train")
+    logger = MetricsLogger(args.output_dir, resume_step=start_step if args.resume else None) if rank == 0 else None
     group = 2 * args.g
     rollout_modes = bpo_modes(args.g) if args.algo == "bpo" else [int(Mode.AUTO)] * group
     local = args.prompts // world  # this rank's prompts: [rank * local, (rank + 1) * local) of every step's batch
@@ -293,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
                     (loss * world).backward()  # x world: FSDP averages gradients over ranks
                     for k, v in {"loss": loss, **m}.items():
                         metrics_acc.setdefault(k, []).append(float(v.detach()))
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                # the global gradient norm: every rank stops together; the loss is this rank's share
+                check_finite_step(step + 1, sum(metrics_acc["loss"][-args.grad_accum:]), float(grad_norm))
                 optimizer.step()
                 scheduler.step()
         elapsed = time.perf_counter() - t0
@@ -333,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.3g}" for k, v in shown.items())
                        + f" ({elapsed:.1f} s/step)")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            save_checkpoint(checkpoint_dir, loss_module, optimizer, scheduler, step + 1)  # every rank: gathers
+            save_checkpoint(checkpoint_dir, loss_module, optimizer, scheduler, step + 1,
+                            settings=args.settings)  # every rank: gathers
         if args.stop_after is not None and step + 1 == args.stop_after:
             os._exit(3)  # no cleanup: what a kill leaves behind
     if world > 1:
@@ -382,7 +429,10 @@ def _data(args, tokenizer, n_img):
     if args.eval_dataset is not None:
         return rows, checked(args.eval_dataset)[: args.eval_items]
     if len(rows) < 10:
-        return rows, []  # too few rows to hold any out: no evaluation
+        if args.eval_items:
+            print(f"evaluation: off: --dataset has {len(rows)} usable rows, too few to hold out every 10th "
+                  "(give --eval-dataset to evaluate)", file=sys.stderr)  # fmt: skip
+        return rows, []
     return [r for i, r in enumerate(rows) if i % 10], [r for i, r in enumerate(rows) if i % 10 == 0][: args.eval_items]
 
 

@@ -11,6 +11,8 @@ trained on.
 from __future__ import annotations
 
 import io
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,13 +79,41 @@ def _image_source(value, base: Path) -> bytes | str:
     raise ValueError(f"image: expected a path, bytes or {{'bytes', 'path'}}, got {type(value).__name__}")
 
 
+_HARD = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _parse_hard(value) -> bool | None:
+    """``hard``: a bool, 0 / 1, or the strings true/false/1/0/yes/no; None (or a parquet null / NaN) is unknown.
+    ``bool("false")`` is True: strings are read by their meaning, anything else is an error."""
+    if value is None or _is_nan(value):
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _HARD:
+        return _HARD[value.strip().lower()]
+    raise ValueError(f"hard: expected true/false (or 1/0), got {value!r}")
+
+
 def _parse_row(row: dict, base: Path, index: int) -> DataItem:
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     question = row.get("question")
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question: missing or empty")
     answer = row.get("answer")
     if answer is None or (isinstance(answer, str) and not answer.strip()):
         raise ValueError("answer: missing or empty")
+    if _is_nan(answer) or not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+        # a parquet null in a float column reads as NaN: str() would make it the answer "nan"
+        raise ValueError(f"answer: expected a string or a finite number, got {answer!r}")
+    if isinstance(answer, float) and not math.isfinite(answer):
+        raise ValueError(f"answer: expected a finite number, got {answer!r}")
     if row.get("image") is None:
         raise ValueError("image: missing")
     source = _image_source(row["image"], base)
@@ -97,19 +127,54 @@ def _parse_row(row: dict, base: Path, index: int) -> DataItem:
         if not isinstance(mode, (str, int)) or mode not in _MODES:
             raise ValueError(f"mode: expected 'think', 'no_think', 1 or 0, got {mode!r}")
         mode = _MODES[mode]
-    hard = row.get("hard")
+    hard = _parse_hard(row.get("hard"))
     thought = row.get("thought")
     if thought is not None and not isinstance(thought, str):
         raise ValueError(f"thought: expected a string, got {type(thought).__name__}")
     thought = thought.strip() if thought else None
     return DataItem(question.strip(), str(answer).strip(), source, (img.height, img.width),
-                    None if hard is None else bool(hard), mode, thought, index)  # fmt: skip
+                    hard, mode, thought, index)  # fmt: skip
+
+
+def _read_records(path: Path) -> list:
+    """The file's rows, each a dict or a ``BadRowError`` for a line that is not UTF-8 JSON (jsonl: one bad line is
+    one bad row, not a bad file). ``.json``: a JSON array of objects, else read as jsonl. ``.parquet``: ``datasets``.
+    """
+    if path.suffix == ".parquet":
+        import datasets  # training-data code only
+
+        try:
+            table = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        except Exception as err:  # pyarrow / datasets raise many types for an empty or corrupt file
+            raise ValueError(f"dataset: cannot read {path} as parquet ({type(err).__name__}: {err})") from err
+        return list(table)
+    raw = path.read_bytes()
+    if path.suffix == ".json" and raw.lstrip()[:1] == b"[":
+        try:
+            rows = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"dataset: {path} is not a valid JSON array ({err})") from err
+        return rows
+    records = []
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line.decode("utf-8")))
+        except UnicodeDecodeError as err:
+            records.append(BadRowError(f"not UTF-8 (byte {err.start}: {line[err.start:err.start + 1]!r})"))
+        except json.JSONDecodeError as err:
+            records.append(BadRowError(f"not JSON ({err.msg} at column {err.colno})"))
+    return records
 
 
 def load_rows(path: Path | str, *, on_bad_row: str = "raise") -> tuple[list[DataItem], list[tuple[int, str]]]:
-    """Read a jsonl/json or parquet file with ``datasets``; return the good rows and ``(row, reason)`` of the bad."""
-    import datasets  # training-data code only
+    """Read a jsonl/json or parquet file; return the good rows and ``(row, reason)`` of the bad ones (row: the
+    0-based index among the file's rows, blank jsonl lines not counted). A line that is not UTF-8 JSON is a bad
+    row like any other. An empty file, or one without a usable row, raises ``ValueError``.
 
+    Example: ``rows, bad = load_rows("train.jsonl", on_bad_row="skip")``
+    """
     if on_bad_row not in ("raise", "skip"):
         raise ValueError(f"on_bad_row: expected 'raise' or 'skip', got {on_bad_row!r}")
     path = Path(path)
@@ -118,10 +183,14 @@ def load_rows(path: Path | str, *, on_bad_row: str = "raise") -> tuple[list[Data
     kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
     if path.suffix not in kinds:
         raise ValueError(f"dataset: expected a .jsonl, .json or .parquet file, got {path.name}")
-    table = datasets.load_dataset(kinds[path.suffix], data_files=str(path), split="train")
+    records = _read_records(path)
+    if not records:
+        raise ValueError(f"dataset: {path} has no rows (empty file)")
     items, bad = [], []
-    for index, row in enumerate(table):
+    for index, row in enumerate(records):
         try:
+            if isinstance(row, BadRowError):
+                raise row
             items.append(_parse_row(row, path.parent, index))
         except ValueError as err:
             if on_bad_row == "raise":
