@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset is not None and not args.dataset.exists():
         parser.error(f"--dataset: {args.dataset} does not exist")
     device, precision = device_from_arguments(parser, args)
+    args.precision = precision  # recorded resolved: "auto" means bf16 on a GPU, fp32 on a CPU
     # the run folder and a resume's settings are checked before anything loads
     settings = run_settings(args, SETTINGS)
     manifest = prepare_output_dir(parser, args)
