@@ -1,11 +1,11 @@
 """Your own data for the loops: jsonl or parquet rows with an image, a question and an answer.
 
-Columns: ``question`` (str), ``answer`` (str or number), ``image`` (a file path relative to the data file or absolute,
-raw bytes, or ``{"bytes": ..., "path": ...}`` as datasets' Image feature stores it), optional ``hard`` (bool, for
-per-difficulty evaluation), ``mode`` (``"think"`` / ``"no_think"`` or 1 / 0) and ``thought`` (the written reasoning
-of a thinking target); annealing needs ``mode`` on every row and ``thought`` on the thinking ones. Every bad row is
-reported with its index and reason; ``on_bad_row="raise"`` stops at the first, ``"skip"`` leaves it out — it is never
-trained on.
+Columns: ``question`` (str), ``answer`` (str or finite number), ``image`` (a file path relative to the data file or
+absolute, raw bytes, or ``{"bytes": ..., "path": ...}`` as datasets' Image feature stores it), optional ``hard``
+(bool, 1 / 0 or "true" / "false", for per-difficulty evaluation), ``mode`` (``"think"`` / ``"no_think"`` or 1 / 0)
+and ``thought`` (the written reasoning of a thinking target); annealing needs ``mode`` on every row and ``thought``
+on the thinking ones. Every bad row is reported with its index and reason (in jsonl, a line that is not UTF-8 JSON
+is one bad row); ``on_bad_row="raise"`` stops at the first, ``"skip"`` leaves it out — it is never trained on.
 """
 
 from __future__ import annotations
