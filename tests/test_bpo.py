@@ -120,3 +120,81 @@ def test_bad_arguments(tmp_path, tiny_policy_dir):
     assert proc.returncode != 0 and "--model" in proc.stderr
     proc = _bpo(tmp_path, tiny_policy_dir, "--device", "tpu")
     assert proc.returncode != 0 and "--device: expected auto, cpu, cuda or cuda:N" in proc.stderr
+
+
+def _close_biased(model, tok):
+    """The model with an LM head that adds a large bias to ``</think>`` (and a smaller one to ``<think>``): left
+    alone it closes a think block at once and reopens it after (a model that learned to skip thinking)."""
+    bias = torch.zeros(model.lm_head.out_features)
+    bias[tok.convert_tokens_to_ids("</think>")], bias[tok.convert_tokens_to_ids("<think>")] = 60.0, 50.0
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    head.weight.data.copy_(model.lm_head.weight.data)
+    head.bias.data.copy_(bias)
+    model.lm_head = head
+    return model.eval()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_strict_evaluation_forced_thinking_thinks_and_no_tag_reopens(tiny_policy_dir, temperature):
+    """Evaluation with the strict modes: a close-biased model forced into thinking writes a thought (without them it
+    closes at once), and no completion has a think tag after its block (without them, they come back)."""
+    from r4b_fast.modes import Mode
+    from r4b_fast.training.common import load_model
+    from r4b_fast.training.evaluation import ModeTokens, mode_completions
+    from r4b_fast.training.rewards import thought
+    from r4b_fast.training.task import sample_items
+    from r4b_fast.training.vision import ImageEncoder
+
+    model, tok = load_model(tiny_policy_dir, "cpu")
+    model = _close_biased(model, tok)
+    enc = ImageEncoder.for_model(model, tiny_policy_dir)
+    items = sample_items(3, 0, split="eval")
+    tokens = ModeTokens.from_tokenizer(tok)
+    for mode in (Mode.THINK, Mode.NO_THINK, Mode.AUTO):
+        kw = dict(max_new_tokens=12, temperature=temperature, seed=1)
+        strict = mode_completions(model, tok, tokens, items, mode, enc, min_think_tokens=3, no_reopen=True, **kw)
+        loose = mode_completions(model, tok, tokens, items, mode, enc, **kw)
+        for s, f in zip(strict, loose):
+            after, free_after = s.split("</think>", 1)[1], f.split("</think>", 1)[1]
+            assert "<think>" not in after and "</think>" not in after, (mode, s)
+            assert free_after.count("<think>") + free_after.count("</think>") > 3, (mode, f)  # unconstrained
+            if mode == Mode.THINK:
+                assert thought(s) and not thought(f), (s, f)
+                assert s.startswith("<think>\n") and len(tok(s.split("</think>")[0])["input_ids"]) >= 2 + 3
+
+
+def test_bpo_passes_the_strict_modes_to_rollouts_and_evaluation(tmp_path, tiny_policy_dir, monkeypatch):
+    """--min-think-tokens / --no-reopen reach every generate_rollouts call of the loop (training rollouts and the
+    held-out evaluation); the defaults are on (4, True)."""
+    import r4b_fast.training.bpo as bpo
+    import r4b_fast.training.evaluation as evaluation
+    from r4b_fast.training.rollout import generate_rollouts
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["min_think_tokens"], kwargs["no_reopen"]))
+        return generate_rollouts(*args, **kwargs)
+
+    monkeypatch.setattr(bpo, "generate_rollouts", spy)
+    monkeypatch.setattr(evaluation, "generate_rollouts", spy)
+    common = ["--model", str(tiny_policy_dir), "--steps", "1", "--prompts", "1", "--g", "1", "--max-new-tokens", "8",
+              "--eval-items", "2", "--eval-every", "1"]
+    assert bpo.main([*common, "--output-dir", str(tmp_path / "a")]) == 0
+    assert len(seen) == 1 + 3 + 3 and set(seen) == {(4, True)}  # evaluation before (3 modes), the step, after
+    seen.clear()
+    assert bpo.main([*common, "--output-dir", str(tmp_path / "b"), "--min-think-tokens", "2", "--no-no-reopen"]) == 0
+    assert len(seen) == 7 and set(seen) == {(2, False)}
+
+
+def test_strict_mode_flags_validated_and_compared_on_resume(tmp_path, tiny_policy_dir):
+    proc = _bpo(tmp_path / "x", tiny_policy_dir, "--min-think-tokens", "-1")
+    assert proc.returncode == 2 and "--min-think-tokens: expected an integer >= 0" in proc.stderr
+    proc = _bpo(tmp_path / "x", tiny_policy_dir, "--min-think-tokens", "9")  # above --max-new-tokens 8
+    assert proc.returncode == 2 and "--min-think-tokens 9: above --max-new-tokens 8" in proc.stderr
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+    run = _bpo(tmp_path / "r", tiny_policy_dir, "--steps", "2", "--eval-items", "0")
+    assert run.returncode == 0, run.stderr
+    for flag in (["--min-think-tokens", "3"], ["--no-no-reopen"]):
+        proc = _bpo(tmp_path / "r", tiny_policy_dir, "--steps", "3", "--eval-items", "0", "--resume", *flag)
+        assert proc.returncode == 2 and flag[0].replace("no-no-", "no-") in proc.stderr, proc.stderr

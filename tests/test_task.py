@@ -14,6 +14,7 @@ from r4b_fast.training.task import (
     PALETTE,
     Item,
     annealing_labels,
+    annealing_mix,
     build_dataset,
     build_tokenizer,
     prompt_text,
@@ -54,6 +55,42 @@ def test_labels_follow_r4b_proportions():
     assert abs(think_share - 0.315) < 0.03  # about two thirds non-thinking
     hard_think = [m == Mode.THINK for it, m in zip(items, labels) if it.hard]
     assert 0.4 < sum(hard_think) / len(hard_think) < 0.5  # most hard items are labelled non-thinking
+
+
+def test_annealing_mix_kinds_and_proportions():
+    """Auto examples (share auto_fraction) think on hard items with probability auto_think_prob_hard, forced ones
+    with think_prob_hard; easy items never think; a function of the seed."""
+    items = sample_items(20000, seed=4)
+    modes, auto = annealing_mix(items, 4, think_prob_hard=0.6, auto_fraction=0.25, auto_think_prob_hard=0.1)
+    assert (modes, auto) == annealing_mix(items, 4, think_prob_hard=0.6, auto_fraction=0.25, auto_think_prob_hard=0.1)
+    assert all(m == Mode.NO_THINK for it, m in zip(items, modes) if not it.hard)
+    assert abs(sum(auto) / len(auto) - 0.25) < 0.015
+    for kind, p in ((True, 0.1), (False, 0.6)):
+        hard = [m == Mode.THINK for it, m, a in zip(items, modes, auto) if it.hard and a == kind]
+        assert abs(sum(hard) / len(hard) - p) < 0.03, (kind, sum(hard) / len(hard))
+    assert annealing_mix(items[:50], 4, auto_fraction=0.0)[1] == [False] * 50
+    with pytest.raises(ValueError, match="auto_fraction: expected a probability in"):
+        annealing_mix(items[:5], 0, auto_fraction=1.5)
+
+
+def test_forced_examples_leave_the_mode_prefix_unsupervised():
+    """A forced example (auto=False) supervises what follows its mode prefix (MODE_PREFIX: what a forced-mode prompt
+    is given), an auto example the whole turn from <think> on."""
+    tok = build_tokenizer()
+    items = [Item((3, 5, 7, 2), True)] * 4
+    modes = [Mode.THINK, Mode.NO_THINK, Mode.THINK, Mode.NO_THINK]
+    _, _, labels, _ = encode_sft_batch(tok, items, modes, n_image_tokens=4, auto=[False, False, True, True])
+    for row, mode in enumerate(modes):
+        supervised = tok.decode(labels[row][labels[row] != -100].tolist())
+        full = target_text(items[row], mode) + tok.eos_token
+        assert supervised == (full if row >= 2 else full.removeprefix(MODE_PREFIX[mode])), row
+
+
+def test_annealing_rejects_bad_mix_flags(tmp_path):
+    for flag, value in (("--auto-fraction", "1.5"), ("--think-prob-hard", "-0.1"), ("--min-think-tokens", "-2")):
+        proc = _annealing(tmp_path / "x", flag, value)
+        assert proc.returncode == 2 and flag in proc.stderr, proc.stderr
+        assert not (tmp_path / "x").exists()
 
 
 def test_tokenizer_round_trip_and_special_tokens():
@@ -146,13 +183,22 @@ def test_annealing_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_plot_draws_the_logged_curves(tmp_path):
-    from r4b_fast.training.common import MetricsLogger
-    from r4b_fast.training.plot import plot_run
+    from r4b_fast.training.common import MetricsLogger, read_metrics
+    from r4b_fast.training.plot import plot_panels, plot_run
 
     logger = MetricsLogger(tmp_path, tensorboard=False)
     for step in range(1, 6):
-        logger.log(step, {"reward/think": 0.1 * step, "reward/no_think": 0.05 * step, "eval/think_rate_hard": 0.2})
+        logger.log(step, {"reward/think_hard": 0.1 * step, "reward/no_think_easy": 0.05 * step, "loss": 1e-9,
+                          "eval/think_rate_hard": 0.2, "kl": 0.01, "entropy_mean": 1.5, "clip_frac_low": 0.0,
+                          "length/think": 20.0})  # fmt: skip
     logger.close()
+    panels = plot_panels(read_metrics(tmp_path / "metrics.jsonl"))
+    # an RL run: reward per mode and difficulty, think rate, length, KL, entropy, clip fraction; not its ~0 loss
+    assert list(panels) == ["rollout reward per mode and difficulty", "held-out auto-mode think rate",
+                            "rollout length per mode (tokens)", "KL to the reference (--beta > 0)",
+                            "policy entropy (nats/token)", "clip fraction"]  # fmt: skip
+    assert panels["rollout reward per mode and difficulty"]["reward/think_hard"][2] == (3, 0.1 * 3)
+    assert list(plot_panels([{"step": 1, "loss": 2.0}])) == ["SFT loss (annealing)"]  # an annealing run
     out = plot_run(tmp_path)
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     empty = tmp_path / "empty"

@@ -1,8 +1,10 @@
 """Bi-mode annealing (R-4B stage 1): ``python -m r4b_fast.training.annealing``.
 
 SFT on a mix of thinking targets ``<think>\\nsteps\\n</think>\\n\\nanswer`` and non-thinking targets
-``<think>\\n\\n</think>\\n\\nanswer``, chosen by each example's mode label; loss on assistant tokens only; AdamW with
-separate learning rates for vision tower, projector and language model, linear warm-up then cosine decay.
+``<think>\\n\\n</think>\\n\\nanswer``, chosen by each example's mode label; loss on assistant tokens only (on the
+embedded task, forced examples leave their mode prefix unsupervised and auto examples supervise the mode decision:
+``task.annealing_mix``); AdamW with separate learning rates for vision tower, projector and language model, linear
+warm-up then cosine decay.
 With no arguments it trains the tiny R-4B-architecture model on the embedded synthetic task (CPU, minutes) and
 reports accuracy per mode.
 """
@@ -44,10 +46,15 @@ from r4b_fast.training.common import (
     set_seed,
     shard_model,
 )
-from r4b_fast.training.evaluation import evaluate
+from r4b_fast.training.evaluation import add_strict_mode_arguments, check_strict_mode_arguments, evaluate_held_out
 from r4b_fast.training.task import (
+    AUTO_FRACTION,
+    AUTO_THINK_PROB_HARD,
+    HARD_FRACTION,
+    MODE_PREFIX,
+    THINK_LABEL_PROB_HARD,
     Item,
-    annealing_labels,
+    annealing_mix,
     build_tokenizer,
     prompt_text,
     sample_items,
@@ -57,17 +64,22 @@ from r4b_fast.training.tiny_model import build_tiny_r4b, parameter_groups
 from r4b_fast.training.vision import ImageEncoder
 
 
-def encode_sft_batch(tokenizer, items: list[Item], modes: list[Mode], n_image_tokens: int | list[int]):
-    """Right-padded input ids, attention mask, labels (-100 outside the assistant turn) and the list of images.
-    ``n_image_tokens``: the placeholders of every image, or per item (``ImageEncoder.count``)."""
+def encode_sft_batch(tokenizer, items: list[Item], modes: list[Mode], n_image_tokens: int | list[int],
+                     auto: list[bool] | None = None):  # fmt: skip
+    """Right-padded input ids ``[B, L]`` int64, attention mask ``[B, L]``, labels ``[B, L]`` (-100 outside the
+    assistant turn) and the list of images. ``n_image_tokens``: the placeholders of every image, or per item
+    (``ImageEncoder.count``). ``auto``: per item, whether its mode decision is supervised (default: all); a forced
+    example (False) leaves its mode prefix (``MODE_PREFIX[mode]``: what a forced-mode prompt is given) at -100."""
     if isinstance(n_image_tokens, int):
         n_image_tokens = [n_image_tokens] * len(items)
+    auto = [True] * len(items) if auto is None else auto
     ids, labels = [], []
-    for item, mode, n_img in zip(items, modes, n_image_tokens):
+    for item, mode, n_img, decides in zip(items, modes, n_image_tokens, auto):
         prompt = tokenizer(prompt_text(item, n_img), add_special_tokens=False)["input_ids"]
         target = tokenizer(target_text(item, mode), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids.append(prompt + target)
-        labels.append([-100] * len(prompt) + target)
+        hidden = 0 if decides else len(tokenizer(MODE_PREFIX[mode], add_special_tokens=False)["input_ids"])
+        labels.append([-100] * (len(prompt) + hidden) + target[hidden:])
     width = max(map(len, ids))
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
@@ -106,18 +118,21 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
 
 
 def _annealing_data(args, tokenizer, n_img):
-    """(items, mode labels) for ``steps x batch-size`` positions: the embedded task, or the rows of --dataset
-    repeated in order (epochs). ``n_img(item)``: the placeholders of the item's image."""
+    """(items, mode labels, auto flags) for ``steps x batch-size`` positions: the embedded task
+    (``annealing_mix``), or the rows of --dataset repeated in order (epochs; every row's turn supervised whole).
+    ``n_img(item)``: the placeholders of the item's image."""
     if args.dataset is None:
-        items = sample_items(args.steps * args.batch_size, args.seed)
-        return items, annealing_labels(items, args.seed)
+        items = sample_items(args.steps * args.batch_size, args.seed, args.hard_fraction)
+        modes, auto = annealing_mix(items, args.seed, think_prob_hard=args.think_prob_hard,
+                                    auto_fraction=args.auto_fraction, auto_think_prob_hard=args.auto_think_prob_hard)
+        return items, modes, auto
     from r4b_fast.training.data import annealing_row_problem, load_training_rows
 
     rows = load_training_rows(args.dataset, max_prompt_tokens=args.max_prompt_tokens, on_bad_row=args.on_bad_row,
                               prompt_tokens=lambda r: len(tokenizer(prompt_text(r, n_img(r)),
                                                                     add_special_tokens=False)["input_ids"]),
                               check=annealing_row_problem)  # fmt: skip
-    return rows, [r.mode for r in rows]
+    return rows, [r.mode for r in rows], [True] * len(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,9 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr-projector", type=float, default=2e-3)
     parser.add_argument("--lr-vision", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--hard-fraction", type=float, default=HARD_FRACTION, help="embedded task: share of hard items")
+    parser.add_argument("--think-prob-hard", type=float, default=THINK_LABEL_PROB_HARD,
+                        help="embedded task: forced examples, probability that a hard item is labelled thinking")
+    parser.add_argument("--auto-fraction", type=float, default=AUTO_FRACTION,
+                        help="embedded task: share of auto examples (mode decision after <think> supervised)")
+    parser.add_argument("--auto-think-prob-hard", type=float, default=AUTO_THINK_PROB_HARD,
+                        help="embedded task: auto examples, probability that a hard item thinks (low: atrophy)")
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--eval-items", type=int, default=128, help="0 skips the final evaluation")
+    add_strict_mode_arguments(parser)
     parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/annealing"))
@@ -156,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0 <= args.seed < 2**32:
         parser.error(f"--seed: expected an integer in [0, 2^32), got {args.seed}")
+    for flag in ("--hard-fraction", "--think-prob-hard", "--auto-fraction", "--auto-think-prob-hard"):
+        check_range(parser, flag, getattr(args, flag[2:].replace("-", "_")), high=1.0, low_inclusive=True)
+    check_strict_mode_arguments(parser, args)
     for flag in ("--lr-llm", "--lr-projector", "--lr-vision"):  # 0 freezes that part; negative is gradient ascent
         check_range(parser, flag, getattr(args, flag[2:].replace("-", "_")), low_inclusive=True)
     if args.dataset is not None and not args.dataset.exists():
@@ -174,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
 
 # the settings that alter the math of a step (the cosine schedule spans --steps): a resume with other values is
 # refused unless --allow-changed-settings
+# (the strict-mode flags only change the final evaluation, not a step)
 SETTINGS = ("model", "dataset", "on_bad_row", "max_prompt_tokens", "steps", "batch_size", "lr_llm", "lr_projector",
-            "lr_vision", "warmup", "hidden_size", "layers", "seed", "precision")
+            "lr_vision", "warmup", "hidden_size", "layers", "seed", "precision", "hard_fraction", "think_prob_hard",
+            "auto_fraction", "auto_think_prob_hard")
 
 
 def _train(args, device, precision, settings: dict, changes: list[str]) -> int:
@@ -195,7 +223,7 @@ def _train(args, device, precision, settings: dict, changes: list[str]) -> int:
     def n_img(item):  # every image size is measured here, before sharding (ImageEncoder.count needs a plain model)
         return encoder.count(model, item)
 
-    train_items, train_modes = _annealing_data(args, tokenizer, n_img)
+    train_items, train_modes, train_auto = _annealing_data(args, tokenizer, n_img)
     if args.dataset is None:
         n_img(train_items[0])  # the embedded task: one image size
     # the loss as a module: FSDP2's root under torchrun (same seeded weights on every rank), a plain wrapper alone
@@ -217,9 +245,11 @@ def _train(args, device, precision, settings: dict, changes: list[str]) -> int:
             print(f"the checkpoint is at the last step ({start_step} of --steps {args.steps}): nothing left to train")
     logger = MetricsLogger(args.output_dir, resume_step=start_step if args.resume else None) if rank == 0 else None
     think_share = sum(m == Mode.THINK for m in train_modes) / len(train_modes)
+    auto_share = sum(train_auto) / len(train_auto)
     if rank == 0:
         print(f"annealing: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {args.steps} steps x "
-              f"{args.batch_size}, {think_share:.0%} thinking labels, {world} process(es), {device}, {precision}")
+              f"{args.batch_size}, {think_share:.0%} thinking labels, {auto_share:.0%} auto examples, {world} "
+              f"process(es), {device}, {precision}")
     start = time.perf_counter()
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="annealing",
                     disable=None if rank == 0 else True)
@@ -230,7 +260,8 @@ def _train(args, device, precision, settings: dict, changes: list[str]) -> int:
         lo = step * args.batch_size + rank * share
         picked = [(lo + i) % len(train_items) for i in range(share)]
         items = [train_items[i] for i in picked]
-        batch = encode_sft_batch(tokenizer, items, [train_modes[i] for i in picked], [n_img(it) for it in items])
+        batch = encode_sft_batch(tokenizer, items, [train_modes[i] for i in picked], [n_img(it) for it in items],
+                                 [train_auto[i] for i in picked])
         batch = (*(t.to(device) for t in batch[:3]), batch[3])  # images stay on the CPU: the encoder moves them
         # the global token normaliser (x world: FSDP averages gradients over ranks)
         n_global = (batch[2][:, 1:] != -100).sum()
@@ -281,12 +312,12 @@ def _train(args, device, precision, settings: dict, changes: list[str]) -> int:
         print("evaluation covers the embedded task only: skipped with --dataset (BPO evaluates held-out rows)")
     if args.eval_items and args.dataset is None:
         with autocast(device, precision):
-            eval_items = sample_items(args.eval_items, args.seed + 10_000, split="eval")
-            # greedy completions of the project's rollout engine, the forced modes and auto mode
-            metrics = evaluate(model, tokenizer, eval_items, encoder, modes=(Mode.THINK, Mode.NO_THINK, Mode.AUTO),
-                               max_new_tokens=48, temperature=0.0)  # fmt: skip
+            metrics = evaluate_held_out(model, tokenizer, encoder, args.eval_items, seed=args.seed,
+                                        min_think_tokens=args.min_think_tokens, no_reopen=args.no_reopen)
         logger.log(args.steps, metrics)
-        print("eval: " + ", ".join(f"{k.removeprefix('eval/')} {v:.2f}" for k, v in sorted(metrics.items())))
+        for prefix in ("eval/", "eval_t1/"):
+            print(f"{prefix.rstrip('/')}: " + ", ".join(f"{k.removeprefix(prefix)} {v:.2f}"
+                                                        for k, v in sorted(metrics.items()) if k.startswith(prefix)))
     logger.close()
     return 0
 

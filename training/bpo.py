@@ -52,7 +52,14 @@ from r4b_fast.training.common import (
     shard_model,
     sync_weights,
 )
-from r4b_fast.training.evaluation import ModeTokens, completion_texts, evaluate, prompt_embeddings
+from r4b_fast.training.evaluation import (
+    ModeTokens,
+    add_strict_mode_arguments,
+    check_strict_mode_arguments,
+    completion_texts,
+    evaluate,
+    prompt_embeddings,
+)
 from r4b_fast.training.rewards import accuracy_reward, compute_rewards, thought
 from r4b_fast.training.rollout import bpo_modes, generate_rollouts
 from r4b_fast.training.task import prompt_text, sample_items
@@ -102,6 +109,7 @@ def parse_args(argv):
     p.add_argument("--g", type=int, default=4, help="rollouts per mode per prompt (2g per group)")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=1.0)
+    add_strict_mode_arguments(p)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--ppo-epochs", type=int, default=1)
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per PPO epoch")
@@ -142,6 +150,9 @@ def parse_args(argv):
     if not 0 <= args.seed < 2**32:
         p.error(f"--seed: expected an integer in [0, 2^32), got {args.seed}")
     check_range(p, "--lr", args.lr)
+    check_strict_mode_arguments(p, args)
+    if args.min_think_tokens > args.max_new_tokens:
+        p.error(f"--min-think-tokens {args.min_think_tokens}: above --max-new-tokens {args.max_new_tokens}")
     # rollouts are sampled and scored at this temperature: below 1e-3 the logits / T overflow into NaN
     check_range(p, "--temperature", args.temperature, low=1e-3, low_inclusive=True)
     check_range(p, "--clip", args.clip, high=1.0, high_inclusive=False)  # the ratio's range is [1 - clip, 1 + clip]
@@ -165,7 +176,7 @@ def parse_args(argv):
 # the settings that alter the math of a step: a resume with other values is refused (--allow-changed-settings)
 SETTINGS = ("model", "algo", "prompts", "g", "max_new_tokens", "temperature", "lr", "ppo_epochs", "mini_batches",
             "grad_accum", "clip", "aggregation", "beta", "hard_fraction", "dataset", "on_bad_row",
-            "max_prompt_tokens", "seed", "precision")
+            "max_prompt_tokens", "seed", "precision", "min_think_tokens", "no_reopen")
 
 
 @dataclass
@@ -245,19 +256,22 @@ def _train(args) -> int:
         print(f"{args.algo}: {args.steps} steps x {args.prompts} prompts x {group} rollouts, model {args.model}, "
               f"{world} process(es), {device}, {precision}")
 
-    def evaluate_policy():  # every rank syncs the replica (a collective); rank 0 evaluates it
+    def evaluate_policy(all_modes: bool = False):  # every rank syncs the replica (a collective); rank 0 evaluates
         if world > 1:
             sync_weights(rollout_model, model)
         if rank != 0:
             return {}
-        # auto mode, sampled at the training temperature with the same seed each time: the think rate measures how
-        # likely the policy is to think, not only which way its most likely token goes
+        # auto mode (first and last: the forced modes too), sampled at the training temperature with the same seed
+        # each time: the think rate measures how likely the policy is to think, not only which way its most likely
+        # token goes; forced modes as strict as the rollouts
+        modes = (Mode.AUTO, Mode.THINK, Mode.NO_THINK) if all_modes else (Mode.AUTO,)
         with autocast(device, precision):
-            return evaluate(rollout_model, tokenizer, eval_items, encoder, modes=(Mode.AUTO,),
-                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+            return evaluate(rollout_model, tokenizer, eval_items, encoder, modes=modes,
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                            min_think_tokens=args.min_think_tokens, no_reopen=args.no_reopen)  # fmt: skip
 
     if start_step == 0 and eval_items:
-        before = evaluate_policy()
+        before = evaluate_policy(all_modes=True)
         if rank == 0:
             logger.log(0, before)
             print("before: " + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in sorted(before.items())))
@@ -285,6 +299,8 @@ def _train(args) -> int:
                 temperature=args.temperature, generator=gen,
                 noise_rows=(rank * local * group, args.prompts * group),  # the global batch's noise, this slice
                 prompt_embeds=prompt_embeddings(rollout_model, prompt_ids, items, tokens.image, encoder),
+                # strict modes: the thinking half always thinks, no think tag after a closed block
+                min_think_tokens=args.min_think_tokens, no_reopen=args.no_reopen,
             )  # fmt: skip
         model.train()
         t_rollout = time.perf_counter() - t0
@@ -371,7 +387,7 @@ def _train(args) -> int:
             if count:
                 record[key] = total / count
         if eval_items and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            record.update(evaluate_policy())
+            record.update(evaluate_policy(all_modes=step + 1 == args.steps))
         if logger is not None:
             logger.log(step + 1, record)
         if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):

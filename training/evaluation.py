@@ -4,6 +4,7 @@ LLaVA-OneVision prompt (mode-token ids, prompt embeddings with the image feature
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from r4b_fast.modes import Mode
 from r4b_fast.training.rewards import accuracy_reward, thought
 from r4b_fast.training.rollout import generate_rollouts
-from r4b_fast.training.task import IMAGE_TOKEN, MODE_PREFIX, THINK_CLOSE_SEQUENCE, Item, prompt_text
+from r4b_fast.training.task import IMAGE_TOKEN, MODE_PREFIX, THINK_CLOSE_SEQUENCE, Item, prompt_text, sample_items
 from r4b_fast.training.vision import ImageEncoder
 
 
@@ -60,11 +61,34 @@ def completion_texts(tokenizer, rollouts) -> list[str]:
     return texts
 
 
+# what the loops' --min-think-tokens defaults to: a forced-thinking rollout writes at least this many tokens before
+# it may close its block (the task's shortest thought, "first cell: 3", is 6 tokens)
+DEFAULT_MIN_THINK_TOKENS = 4
+
+
+def add_strict_mode_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--min-think-tokens`` and ``--no-reopen / --no-no-reopen``, the strict modes of the rollout engine
+    (``generate_rollouts``), shared by both loops. Validate with :func:`check_strict_mode_arguments`."""
+    parser.add_argument("--min-think-tokens", type=int, default=DEFAULT_MIN_THINK_TOKENS,
+                        help="forced-thinking rollouts cannot close their think block (nor end) before this many "
+                             "sampled tokens (0: off)")  # fmt: skip
+    parser.add_argument("--no-reopen", action=argparse.BooleanOptionalAction, default=True,
+                        help="after a closed think block, <think> / </think> cannot be sampled")
+
+
+def check_strict_mode_arguments(parser: argparse.ArgumentParser, args) -> None:
+    """End the run with a usage error unless ``--min-think-tokens`` is an integer >= 0."""
+    if args.min_think_tokens < 0:
+        parser.error(f"--min-think-tokens: expected an integer >= 0 (0: off), got {args.min_think_tokens}")
+
+
 @torch.no_grad()
 def mode_completions(model, tokenizer, tokens: ModeTokens, items: list[Item], mode: Mode, encoder: ImageEncoder, *,
-                     max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> list[str]:  # fmt: skip
+                     max_new_tokens: int, temperature: float = 0.0, seed: int = 0, min_think_tokens: int = 0,
+                     no_reopen: bool = False) -> list[str]:  # fmt: skip
     """One completion per item in ``mode`` (its forced prefix included in the text): greedy at ``temperature=0``,
-    else sampled with a generator seeded by ``seed`` (the same draws at every evaluation)."""
+    else sampled with a generator seeded by ``seed`` (the same draws at every evaluation). ``min_think_tokens`` /
+    ``no_reopen``: the rollout engine's strict modes (``generate_rollouts``)."""
     was_training = model.training
     model.eval()
     prompt_ids = [tokenizer(prompt_text(it, encoder.count(model, it)), add_special_tokens=False)["input_ids"]
@@ -75,26 +99,102 @@ def mode_completions(model, tokenizer, tokens: ModeTokens, items: list[Item], mo
         max_new_tokens=max_new_tokens, temperature=temperature,
         generator=torch.Generator().manual_seed(seed + 123_457),  # not any training step's generator
         prompt_embeds=prompt_embeddings(model, prompt_ids, items, tokens.image, encoder),
+        min_think_tokens=min_think_tokens, no_reopen=no_reopen,
     )  # fmt: skip
     model.train(was_training)
     return completion_texts(tokenizer, rollouts)
 
 
 def evaluate(model, tokenizer, items: list[Item], encoder: ImageEncoder, *, modes=(Mode.AUTO,),
-             max_new_tokens: int = 40, temperature: float = 0.0, seed: int = 0) -> dict[str, float]:  # fmt: skip
-    """``eval/acc_{mode}_{easy,hard,all}`` for each mode and ``eval/think_rate_{...}`` of auto mode, over items of
-    that difficulty (``all``: items of unknown difficulty)."""
+             max_new_tokens: int = 40, temperature: float = 0.0, seed: int = 0, prefix: str = "eval",
+             min_think_tokens: int = 0, no_reopen: bool = False) -> dict[str, float]:  # fmt: skip
+    """``{prefix}/acc_{mode}_{easy,hard,all}`` and ``{prefix}/length_{mode}_{...}`` (mean emitted tokens, forced
+    prefix included) for each mode, and ``{prefix}/think_rate_{...}`` of auto mode, over items of that difficulty
+    (``all``: items of unknown difficulty). ``min_think_tokens`` / ``no_reopen``: strict modes (forced thinking then
+    always thinks; no think tag after a closed block).
+
+    Example: ``evaluate(model, tok, items, encoder, modes=(Mode.THINK,))["eval/acc_think_hard"]`` -> 0.9."""
     tokens = ModeTokens.from_tokenizer(tokenizer)
     metrics = {}
     for mode in modes:
         texts = mode_completions(model, tokenizer, tokens, items, Mode(mode), encoder, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, seed=seed)  # fmt: skip
+                                 temperature=temperature, seed=seed, min_think_tokens=min_think_tokens,
+                                 no_reopen=no_reopen)  # fmt: skip
         for hard, level in ((False, "easy"), (True, "hard"), (None, "all")):
             rows = [(t, it) for t, it in zip(texts, items) if it.hard is hard]
             if not rows:
                 continue
             name = Mode(mode).name.lower()
-            metrics[f"eval/acc_{name}_{level}"] = sum(accuracy_reward(t, it.answer) for t, it in rows) / len(rows)
+            metrics[f"{prefix}/acc_{name}_{level}"] = sum(accuracy_reward(t, it.answer) for t, it in rows) / len(rows)
+            metrics[f"{prefix}/length_{name}_{level}"] = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"])
+                                                             for t, _ in rows) / len(rows)  # fmt: skip
             if mode == Mode.AUTO:
-                metrics[f"eval/think_rate_{level}"] = sum(thought(t) for t, _ in rows) / len(rows)
+                metrics[f"{prefix}/think_rate_{level}"] = sum(thought(t) for t, _ in rows) / len(rows)
     return metrics
+
+
+def evaluate_held_out(model, tokenizer, encoder: ImageEncoder, n_items: int, *, seed: int = 0,
+                      max_new_tokens: int = 48, min_think_tokens: int = 0,
+                      no_reopen: bool = False) -> dict[str, float]:  # fmt: skip
+    """A model on ``n_items`` held-out items of the embedded task (digit tuples training never sees; half easy, half
+    hard, drawn with ``seed + 10_000``) in all three modes: greedy (``eval/...``) and sampled at T=1
+    (``eval_t1/...``, generator seeded by ``seed``), keys as :func:`evaluate`. Deterministic for a given model,
+    arguments, torch version and thread count.
+
+    Example: ``evaluate_held_out(model, tok, ImageEncoder.for_model(model, path), 128)["eval_t1/think_rate_hard"]``.
+    """
+    items = sample_items(n_items, seed + 10_000, hard_fraction=0.5, split="eval")
+    metrics = {}
+    for temperature, prefix in ((0.0, "eval"), (1.0, "eval_t1")):
+        metrics.update(evaluate(model, tokenizer, items, encoder, modes=(Mode.THINK, Mode.NO_THINK, Mode.AUTO),
+                                max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, prefix=prefix,
+                                min_think_tokens=min_think_tokens, no_reopen=no_reopen))  # fmt: skip
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m r4b_fast.training.evaluation [MODEL_DIR] [--items N] [--json FILE]``: :func:`evaluate_held_out`
+    of a model folder (default: the shipped annealed checkpoint), printed as a table and optionally saved."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from r4b_fast.training.common import load_model
+
+    default = Path(__file__).parent / "assets" / "annealed"
+    p = argparse.ArgumentParser(prog="python -m r4b_fast.training.evaluation", description=main.__doc__.split(":")[0])
+    p.add_argument("model", type=Path, nargs="?", default=default)
+    p.add_argument("--items", type=int, default=256, help="held-out items, half easy, half hard")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--json", type=Path, default=None, help="also write the metrics here")
+    add_strict_mode_arguments(p)
+    args = p.parse_args(argv)
+    check_strict_mode_arguments(p, args)
+    if args.items < 2:
+        p.error(f"--items: at least 2, got {args.items}")
+    if not (args.model / "config.json").exists():
+        p.error(f"model: {args.model} has no config.json")
+    model, tok = load_model(args.model, "cpu")
+    model.eval()
+    metrics = evaluate_held_out(model, tok, ImageEncoder.for_model(model, args.model), args.items, seed=args.seed,
+                                max_new_tokens=args.max_new_tokens, min_think_tokens=args.min_think_tokens,
+                                no_reopen=args.no_reopen)  # fmt: skip
+    print("| mode | T | acc easy | acc hard | tokens easy | tokens hard | think rate easy | think rate hard |")
+    print("|---|---|---|---|---|---|---|---|")
+    for prefix, t in (("eval", "0"), ("eval_t1", "1")):
+        for mode in ("think", "no_think", "auto"):
+            m = {k.removeprefix(f"{prefix}/"): v for k, v in metrics.items() if k.startswith(f"{prefix}/")}
+            rates = [f"{m[f'think_rate_{lv}']:.3f}" if mode == "auto" else "" for lv in ("easy", "hard")]
+            print(f"| {mode} | {t} | {m[f'acc_{mode}_easy']:.3f} | {m[f'acc_{mode}_hard']:.3f} | "
+                  f"{m[f'length_{mode}_easy']:.1f} | {m[f'length_{mode}_hard']:.1f} | {rates[0]} | {rates[1]} |")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"items": args.items, "seed": args.seed, "min_think_tokens":
+                                         args.min_think_tokens, "no_reopen": args.no_reopen, "metrics": metrics},
+                                        indent=1, sort_keys=True))  # fmt: skip
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

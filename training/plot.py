@@ -1,7 +1,9 @@
 """Plot a run's curves to PNG: ``python -m r4b_fast.training.plot RUN_DIR [--out FILE]``.
 
-Reads ``RUN_DIR/metrics.jsonl`` and draws, for whichever of them the run logged: reward per mode (BPO), the think
-rate of auto-mode rollouts on easy and hard items, response length per mode, and the training loss.
+Reads ``RUN_DIR/metrics.jsonl`` and draws, for whichever of them the run logged: the rollouts' reward per mode and
+difficulty, the think rate and accuracy of held-out evaluation (auto mode; forced modes where evaluated), response
+length per mode, KL to the reference, policy entropy and clip fractions. Not the RL loss: on-policy with advantages
+that sum to zero per group it is ~0 by construction; an annealing run (no rewards) gets its SFT loss instead.
 """
 
 from __future__ import annotations
@@ -13,12 +15,29 @@ from pathlib import Path
 from r4b_fast.training.common import read_metrics
 
 PANELS = {
-    "reward per mode": ("reward/think", "reward/no_think", "reward/auto"),
-    "auto-mode think rate": ("eval/think_rate_easy", "eval/think_rate_hard"),
-    "auto-mode accuracy": ("eval/acc_auto_easy", "eval/acc_auto_hard"),
-    "response length per mode": ("length/think", "length/no_think"),
-    "loss": ("loss",),
+    "rollout reward per mode and difficulty": ("reward/think_easy", "reward/think_hard", "reward/no_think_easy",
+                                               "reward/no_think_hard", "reward/all"),
+    "held-out auto-mode think rate": ("eval/think_rate_easy", "eval/think_rate_hard"),
+    "held-out accuracy": ("eval/acc_auto_easy", "eval/acc_auto_hard", "eval/acc_think_hard", "eval/acc_no_think_hard"),
+    "rollout length per mode (tokens)": ("length/think", "length/no_think"),
+    "KL to the reference (--beta > 0)": ("kl",),
+    "policy entropy (nats/token)": ("entropy_mean",),
+    "clip fraction": ("clip_frac_low", "clip_frac_high"),
+    "SFT loss (annealing)": ("loss",),
 }
+
+
+def plot_panels(records: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """The panels a run's metrics records fill: ``{title: {metric: [(step, value), ...]}}``, empty ones left out
+    (and the loss of an RL run: ~0 by construction). Example: ``plot_panels([{"step": 1, "kl": 0.1}])`` ->
+    ``{"KL to the reference (--beta > 0)": {"kl": [(1, 0.1)]}}``."""
+    rl_run = any(k.startswith("reward/") for r in records for k in r)
+    panels = {
+        title: {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))] for k in keys}
+        for title, keys in PANELS.items() if not (rl_run and keys == ("loss",))
+    }
+    panels = {t: {k: v for k, v in series.items() if v} for t, series in panels.items()}
+    return {t: s for t, s in panels.items() if s}
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
@@ -31,13 +50,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"run_dir: no metrics.jsonl in {run_dir}")
-    records = read_metrics(path)
-    panels = {
-        title: {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))] for k in keys}
-        for title, keys in PANELS.items()
-    }
-    panels = {t: {k: v for k, v in series.items() if v} for t, series in panels.items()}
-    panels = {t: s for t, s in panels.items() if s}
+    panels = plot_panels(read_metrics(path))
     if not panels:
         known = sorted(k for keys in PANELS.values() for k in keys)
         raise ValueError(f"run_dir: {path} has none of the plotted metrics {known}")
@@ -45,7 +58,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     for ax, (title, series) in zip(axes[:, 0], panels.items()):
         for key, points in series.items():
             steps, values = zip(*points)
-            ax.plot(steps, values, marker="o" if len(points) < 30 else None, label=key.split("/")[-1])
+            ax.plot(steps, values, marker="o" if len(points) < 30 else None, label=key.removeprefix("eval/")
+                    .removeprefix("reward/"))
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(loc="best", fontsize=8)

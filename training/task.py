@@ -30,10 +30,16 @@ NUM_DIGITS = 4
 EASY_QUESTION = "What is the first digit?"
 HARD_QUESTION = "What is the sum of the row products?"
 # R-4B's mix is about two thirds non-thinking. With 70% hard items of which 45% are labelled thinking, 31.5% of
-# the data is thinking, and most hard items are labelled non-thinking: the annealed model's auto mode under-thinks
-# on hard items (its most likely continuation of "<think>\n" is the empty block), which BPO has to fix.
+# the data is thinking, and most hard items are labelled non-thinking.
 HARD_FRACTION = 0.7
 THINK_LABEL_PROB_HARD = 0.45
+# Annealing examples come in three kinds: forced thinking and forced non-thinking (the mode prefix is given, as in a
+# forced-mode prompt, and not supervised: they teach each mode's answers), and auto (the whole turn supervised, the
+# mode decision after "<think>" included). AUTO_FRACTION of the examples are auto, and only AUTO_THINK_PROB_HARD of
+# their hard items think: the model learns to answer well in both modes but rarely chooses to think in auto mode,
+# R-4B's "thinking atrophy" that BPO has to fix.
+AUTO_FRACTION = 0.3
+AUTO_THINK_PROB_HARD = 0.1
 
 IMAGE_TOKEN, THINK_OPEN, THINK_CLOSE = "<image>", "<think>", "</think>"
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
@@ -123,11 +129,37 @@ def sample_items(n: int, seed: int, hard_fraction: float = HARD_FRACTION, split:
     return items
 
 
-def annealing_labels(items: list[Item], seed: int) -> list[Mode]:
-    """R-4B-style mode labels: hard -> thinking with probability THINK_LABEL_PROB_HARD, easy -> non-thinking."""
+def annealing_labels(items: list[Item], seed: int, think_prob_hard: float = THINK_LABEL_PROB_HARD) -> list[Mode]:
+    """R-4B-style mode labels: hard -> thinking with probability ``think_prob_hard``, easy -> non-thinking."""
     gen = torch.Generator().manual_seed(seed + 1)
     draws = torch.rand(len(items), generator=gen).tolist()
-    return [Mode.THINK if it.hard and u < THINK_LABEL_PROB_HARD else Mode.NO_THINK for it, u in zip(items, draws)]
+    return [Mode.THINK if it.hard and u < think_prob_hard else Mode.NO_THINK for it, u in zip(items, draws)]
+
+
+def annealing_mix(items: list[Item], seed: int, *, think_prob_hard: float = THINK_LABEL_PROB_HARD,
+                  auto_fraction: float = AUTO_FRACTION,
+                  auto_think_prob_hard: float = AUTO_THINK_PROB_HARD) -> tuple[list[Mode], list[bool]]:  # fmt: skip
+    """Per item, its annealing mode label and whether it is an auto example (the mode decision supervised).
+
+    A share ``auto_fraction`` of the items is auto: hard ones think with probability ``auto_think_prob_hard``; the
+    others are forced examples, hard ones thinking with probability ``think_prob_hard``; easy items never think.
+    A function of ``(items, seed)`` only.
+
+    Example:
+        >>> modes, auto = annealing_mix(sample_items(4, 0), seed=0)
+        >>> len(modes), len(auto)
+        (4, 4)
+    """
+    for name, value in (("think_prob_hard", think_prob_hard), ("auto_fraction", auto_fraction),
+                        ("auto_think_prob_hard", auto_think_prob_hard)):  # fmt: skip
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}: expected a probability in [0, 1], got {value!r}")
+    gen = torch.Generator().manual_seed(seed + 2)
+    kind, draw = torch.rand(2, len(items), generator=gen).tolist()
+    auto = [k < auto_fraction for k in kind]
+    modes = [Mode.THINK if it.hard and u < (auto_think_prob_hard if a else think_prob_hard) else Mode.NO_THINK
+             for it, u, a in zip(items, draw, auto)]  # fmt: skip
+    return modes, auto
 
 
 def build_dataset(n: int, seed: int, with_labels: bool = True):
