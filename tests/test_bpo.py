@@ -198,3 +198,32 @@ def test_strict_mode_flags_validated_and_compared_on_resume(tmp_path, tiny_polic
     for flag in (["--min-think-tokens", "3"], ["--no-no-reopen"]):
         proc = _bpo(tmp_path / "r", tiny_policy_dir, "--steps", "3", "--eval-items", "0", "--resume", *flag)
         assert proc.returncode == 2 and flag[0].replace("no-no-", "no-") in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("flag, prefix_trained", [([], True), (["--no-train-mode-prefix"], False)])
+def test_train_mode_prefix_puts_the_forced_prefix_in_the_loss(tmp_path, tiny_policy_dir, monkeypatch, flag,
+                                                               prefix_trained):  # fmt: skip
+    """--train-mode-prefix (default): the loss mask is every emitted token, the forced mode prefix included (its
+    advantage reaches the think / no-think decision); --no-train-mode-prefix: only the sampled tokens."""
+    import r4b_fast.training.bpo as bpo
+
+    seen = []
+
+    def spy(hidden, weight, completions, advantages, mask, **kwargs):
+        seen.append(mask.clone())
+        return real(hidden, weight, completions, advantages, mask, **kwargs)
+
+    real = bpo.fused_linear_policy_loss
+    rollouts_seen = []
+    real_generate = bpo.generate_rollouts
+    monkeypatch.setattr(bpo, "fused_linear_policy_loss", spy)
+    monkeypatch.setattr(bpo, "generate_rollouts", lambda *a, **k: rollouts_seen.append(real_generate(*a, **k))
+                        or rollouts_seen[-1])  # fmt: skip
+    argv = ["--model", str(tiny_policy_dir), "--steps", "1", "--prompts", "2", "--g", "2", "--max-new-tokens", "8",
+            "--eval-items", "0", "--output-dir", str(tmp_path), *flag]
+    assert bpo.main(argv) == 0
+    (ro,) = rollouts_seen
+    (mask,) = seen
+    assert ro.forced_mask.any()
+    expected = ro.completion_mask if prefix_trained else ro.completion_mask & ~ro.forced_mask
+    assert torch.equal(mask, expected)

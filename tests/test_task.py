@@ -58,16 +58,16 @@ def test_labels_follow_r4b_proportions():
 
 
 def test_annealing_mix_kinds_and_proportions():
-    """Auto examples (share auto_fraction) think on hard items with probability auto_think_prob_hard, forced ones
-    with think_prob_hard; easy items never think; a function of the seed."""
+    """Auto examples (share auto_fraction) think on hard items with probability auto_think_prob_hard and never on
+    easy ones, forced ones with think_prob_hard / think_prob_easy; a function of the seed."""
     items = sample_items(20000, seed=4)
-    modes, auto = annealing_mix(items, 4, think_prob_hard=0.6, auto_fraction=0.25, auto_think_prob_hard=0.1)
-    assert (modes, auto) == annealing_mix(items, 4, think_prob_hard=0.6, auto_fraction=0.25, auto_think_prob_hard=0.1)
-    assert all(m == Mode.NO_THINK for it, m in zip(items, modes) if not it.hard)
+    kw = dict(think_prob_hard=0.6, auto_fraction=0.25, auto_think_prob_hard=0.1, think_prob_easy=0.2)
+    modes, auto = annealing_mix(items, 4, **kw)
+    assert (modes, auto) == annealing_mix(items, 4, **kw)
     assert abs(sum(auto) / len(auto) - 0.25) < 0.015
-    for kind, p in ((True, 0.1), (False, 0.6)):
-        hard = [m == Mode.THINK for it, m, a in zip(items, modes, auto) if it.hard and a == kind]
-        assert abs(sum(hard) / len(hard) - p) < 0.03, (kind, sum(hard) / len(hard))
+    for hard, kind, p in ((True, True, 0.1), (True, False, 0.6), (False, True, 0.0), (False, False, 0.2)):
+        sel = [m == Mode.THINK for it, m, a in zip(items, modes, auto) if it.hard == hard and a == kind]
+        assert abs(sum(sel) / len(sel) - p) < 0.03, (hard, kind, sum(sel) / len(sel))
     assert annealing_mix(items[:50], 4, auto_fraction=0.0)[1] == [False] * 50
     with pytest.raises(ValueError, match="auto_fraction: expected a probability in"):
         annealing_mix(items[:5], 0, auto_fraction=1.5)
@@ -101,6 +101,20 @@ def test_tokenizer_round_trip_and_special_tokens():
     for special in ("<think>", "</think>", "<image>", "<|im_end|>"):
         assert tok(special, add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids(special)]
     assert tok.unk_token_id not in ids
+
+
+def test_tokenizer_merges_double_newlines_so_thinking_is_not_a_prefix_of_non_thinking():
+    """As BPE tokenizers (Qwen's) do, "\n\n" is one token: the thinking prefix "<think>\n" is then not a token prefix
+    of the non-thinking block, whose ids are exactly <think> \n\n </think> \n\n."""
+    tok = build_tokenizer()
+    ids = {m: tok(MODE_PREFIX[m], add_special_tokens=False)["input_ids"] for m in (Mode.THINK, Mode.NO_THINK)}
+    nl, nl2 = tok.convert_tokens_to_ids("\n"), tok.convert_tokens_to_ids("\n\n")
+    start, end = tok.convert_tokens_to_ids("<think>"), tok.convert_tokens_to_ids("</think>")
+    assert nl2 != tok.unk_token_id and nl != nl2
+    assert ids[Mode.THINK] == [start, nl] and ids[Mode.NO_THINK] == [start, nl2, end, nl2]
+    assert ids[Mode.NO_THINK][: len(ids[Mode.THINK])] != ids[Mode.THINK]
+    assert tok("a\n\n\nb", add_special_tokens=False)["input_ids"][1:3] == [nl2, nl]  # longest match first
+    assert tok.decode(tok("x\n\ny\nz", add_special_tokens=False)["input_ids"]) == "x\n\ny\nz"
 
 
 def test_dataset_columns():
@@ -266,3 +280,31 @@ def test_greedy_evaluation_completions_equal_transformers_generate():
         texts = tok.batch_decode(out[:, batch.input_ids.shape[1] :])
         theirs = [MODE_PREFIX[mode] + t.split(tok.eos_token)[0].replace(tok.pad_token, "") for t in texts]
         assert ours == theirs, mode
+
+
+def test_shipped_checkpoint_reproduces_its_recorded_evaluation():
+    """training/assets/annealed_eval_quick.json holds the shipped checkpoint's evaluation on a few held-out items
+    (written by the command in training/assets/README.md): re-evaluated here, the same numbers, greedy to the item;
+    sampled within one item per difficulty (another thread count can change the last bits of a probability)."""
+    import json
+
+    from r4b_fast.training.bpo import DEFAULT_MODEL
+    from r4b_fast.training.common import load_model
+    from r4b_fast.training.evaluation import evaluate_held_out
+    from r4b_fast.training.vision import ImageEncoder
+
+    recorded = json.loads((DEFAULT_MODEL.parent / "annealed_eval_quick.json").read_text())
+    model, tok = load_model(DEFAULT_MODEL, "cpu")
+    model.eval()
+    metrics = evaluate_held_out(model, tok, ImageEncoder.for_model(model, DEFAULT_MODEL), recorded["items"],
+                                seed=recorded["seed"], min_think_tokens=recorded["min_think_tokens"],
+                                no_reopen=recorded["no_reopen"])  # fmt: skip
+    held_out = sample_items(recorded["items"], recorded["seed"] + 10_000, hard_fraction=0.5, split="eval")
+    per_level = min(sum(it.hard for it in held_out), sum(not it.hard for it in held_out))
+    checked = 0
+    for key, value in recorded["metrics"].items():
+        if "/acc_" in key or "/think_rate_" in key:
+            tolerance = 1e-9 if key.startswith("eval/") else 1 / per_level + 1e-9
+            assert abs(metrics[key] - value) <= tolerance, (key, metrics[key], value)
+            checked += 1
+    assert checked == 2 * (3 * 2 + 2)  # two temperatures x (three modes x easy/hard + two think rates)

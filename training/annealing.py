@@ -53,6 +53,7 @@ from r4b_fast.training.task import (
     HARD_FRACTION,
     MODE_PREFIX,
     THINK_LABEL_PROB_HARD,
+    THINK_PROB_EASY,
     Item,
     annealing_mix,
     build_tokenizer,
@@ -124,7 +125,8 @@ def _annealing_data(args, tokenizer, n_img):
     if args.dataset is None:
         items = sample_items(args.steps * args.batch_size, args.seed, args.hard_fraction)
         modes, auto = annealing_mix(items, args.seed, think_prob_hard=args.think_prob_hard,
-                                    auto_fraction=args.auto_fraction, auto_think_prob_hard=args.auto_think_prob_hard)
+                                    auto_fraction=args.auto_fraction, auto_think_prob_hard=args.auto_think_prob_hard,
+                                    think_prob_easy=args.think_prob_easy)
         return items, modes, auto
     from r4b_fast.training.data import annealing_row_problem, load_training_rows
 
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="embedded task: share of auto examples (mode decision after <think> supervised)")
     parser.add_argument("--auto-think-prob-hard", type=float, default=AUTO_THINK_PROB_HARD,
                         help="embedded task: auto examples, probability that a hard item thinks (low: atrophy)")
+    parser.add_argument("--think-prob-easy", type=float, default=THINK_PROB_EASY,
+                        help="embedded task: forced examples, probability that an easy item is labelled thinking")
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--eval-items", type=int, default=128, help="0 skips the final evaluation")
@@ -179,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0 <= args.seed < 2**32:
         parser.error(f"--seed: expected an integer in [0, 2^32), got {args.seed}")
-    for flag in ("--hard-fraction", "--think-prob-hard", "--auto-fraction", "--auto-think-prob-hard"):
+    for flag in ("--hard-fraction", "--think-prob-hard", "--auto-fraction", "--auto-think-prob-hard",
+                 "--think-prob-easy"):
         check_range(parser, flag, getattr(args, flag[2:].replace("-", "_")), high=1.0, low_inclusive=True)
     check_strict_mode_arguments(parser, args)
     for flag in ("--lr-llm", "--lr-projector", "--lr-vision"):  # 0 freezes that part; negative is gradient ascent
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 # (the strict-mode flags only change the final evaluation, not a step)
 SETTINGS = ("model", "dataset", "on_bad_row", "max_prompt_tokens", "steps", "batch_size", "lr_llm", "lr_projector",
             "lr_vision", "warmup", "hidden_size", "layers", "seed", "precision", "hard_fraction", "think_prob_hard",
-            "auto_fraction", "auto_think_prob_hard")
+            "auto_fraction", "auto_think_prob_hard", "think_prob_easy")
 
 
 def _train(args, device, precision, settings: dict, changes: list[str]) -> int:

@@ -110,6 +110,9 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=1.0)
     add_strict_mode_arguments(p)
+    p.add_argument("--train-mode-prefix", action=argparse.BooleanOptionalAction, default=True,
+                   help="train the forced mode-prefix tokens with the rollout's advantage (reaches auto mode's "
+                        "think / no-think decision)")  # fmt: skip
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--ppo-epochs", type=int, default=1)
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per PPO epoch")
@@ -176,7 +179,7 @@ def parse_args(argv):
 # the settings that alter the math of a step: a resume with other values is refused (--allow-changed-settings)
 SETTINGS = ("model", "algo", "prompts", "g", "max_new_tokens", "temperature", "lr", "ppo_epochs", "mini_batches",
             "grad_accum", "clip", "aggregation", "beta", "hard_fraction", "dataset", "on_bad_row",
-            "max_prompt_tokens", "seed", "precision", "min_think_tokens", "no_reopen")
+            "max_prompt_tokens", "seed", "precision", "min_think_tokens", "no_reopen", "train_mode_prefix")
 
 
 @dataclass
@@ -318,7 +321,11 @@ def _train(args) -> int:
         # groups never straddle ranks (a rank holds whole prompts): the advantages are local
         adv = group_advantages(rewards, group, modes=modes, estimator="bpo" if args.algo == "bpo" else "grpo",
                                nonfinite="zero")
-        mask = rollouts.policy_mask & torch.isfinite(rewards)[:, None]  # a failed reward: never trained on
+        # --train-mode-prefix: the forced mode prefix is trained too (its log-probs are the policy's own), so that a
+        # group's advantage reaches the mode decision after "<think>" ("\n" vs "\n\n": one token forced in both halves,
+        # which auto mode samples); without it BPO can only move auto mode through what the halves write after it
+        trained = rollouts.completion_mask if args.train_mode_prefix else rollouts.policy_mask
+        mask = trained & torch.isfinite(rewards)[:, None]  # a failed reward: never trained on
         ref_logprobs = None
         if reference is not None:
             with torch.no_grad(), autocast(device, precision):

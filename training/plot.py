@@ -58,8 +58,14 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     for ax, (title, series) in zip(axes[:, 0], panels.items()):
         for key, points in series.items():
             steps, values = zip(*points)
-            ax.plot(steps, values, marker="o" if len(points) < 30 else None, label=key.removeprefix("eval/")
-                    .removeprefix("reward/"))
+            label = key.removeprefix("eval/").removeprefix("reward/")
+            if len(points) < 30:  # evaluations: every point
+                ax.plot(steps, values, marker="o", label=label)
+                continue
+            # per-step values of 8 prompts are noisy: faint, with a trailing 10-step mean on top
+            (line,) = ax.plot(steps, values, alpha=0.25)
+            mean = [sum(values[max(0, i - 9) : i + 1]) / len(values[max(0, i - 9) : i + 1]) for i in range(len(values))]
+            ax.plot(steps, mean, color=line.get_color(), label=f"{label} (10-step mean)")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(loc="best", fontsize=8)

@@ -40,6 +40,9 @@ THINK_LABEL_PROB_HARD = 0.45
 # R-4B's "thinking atrophy" that BPO has to fix.
 AUTO_FRACTION = 0.3
 AUTO_THINK_PROB_HARD = 0.1
+# Forced thinking on easy items ("first cell: 3") is taught too, so that forced thinking answers easy items; auto
+# examples never think on easy items.
+THINK_PROB_EASY = 0.3
 
 IMAGE_TOKEN, THINK_OPEN, THINK_CLOSE = "<image>", "<think>", "</think>"
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
@@ -48,6 +51,10 @@ CHARSET = sorted(set("0123456789+*=, \n?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN
 # Whole words of the task's text are single tokens (shorter sequences, faster CPU training); other text falls back
 # to characters, numbers are always spelled digit by digit.
 WORDS = sorted(set(f"{EASY_QUESTION} {HARD_QUESTION} user assistant first cell".replace("?", " ").split()))
+# "\n\n" is one token, as in BPE tokenizers (Qwen's): the thinking prefix "<think>\n" is then not a token prefix of
+# the non-thinking block "<think>\n\n</think>\n\n" (with "\n" "\n" it was, and a forced-thinking rollout could
+# close the block at once while looking like a continuation of its prefix).
+DOUBLE_NEWLINE = "\n\n"
 
 
 @dataclass(frozen=True)
@@ -137,13 +144,13 @@ def annealing_labels(items: list[Item], seed: int, think_prob_hard: float = THIN
 
 
 def annealing_mix(items: list[Item], seed: int, *, think_prob_hard: float = THINK_LABEL_PROB_HARD,
-                  auto_fraction: float = AUTO_FRACTION,
-                  auto_think_prob_hard: float = AUTO_THINK_PROB_HARD) -> tuple[list[Mode], list[bool]]:  # fmt: skip
+                  auto_fraction: float = AUTO_FRACTION, auto_think_prob_hard: float = AUTO_THINK_PROB_HARD,
+                  think_prob_easy: float = THINK_PROB_EASY) -> tuple[list[Mode], list[bool]]:  # fmt: skip
     """Per item, its annealing mode label and whether it is an auto example (the mode decision supervised).
 
-    A share ``auto_fraction`` of the items is auto: hard ones think with probability ``auto_think_prob_hard``; the
-    others are forced examples, hard ones thinking with probability ``think_prob_hard``; easy items never think.
-    A function of ``(items, seed)`` only.
+    A share ``auto_fraction`` of the items is auto: hard ones think with probability ``auto_think_prob_hard``, easy
+    ones never; the others are forced examples, hard ones thinking with probability ``think_prob_hard``, easy ones
+    with ``think_prob_easy``. A function of ``(items, seed)`` only.
 
     Example:
         >>> modes, auto = annealing_mix(sample_items(4, 0), seed=0)
@@ -151,14 +158,16 @@ def annealing_mix(items: list[Item], seed: int, *, think_prob_hard: float = THIN
         (4, 4)
     """
     for name, value in (("think_prob_hard", think_prob_hard), ("auto_fraction", auto_fraction),
-                        ("auto_think_prob_hard", auto_think_prob_hard)):  # fmt: skip
+                        ("auto_think_prob_hard", auto_think_prob_hard),
+                        ("think_prob_easy", think_prob_easy)):  # fmt: skip
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name}: expected a probability in [0, 1], got {value!r}")
     gen = torch.Generator().manual_seed(seed + 2)
     kind, draw = torch.rand(2, len(items), generator=gen).tolist()
     auto = [k < auto_fraction for k in kind]
-    modes = [Mode.THINK if it.hard and u < (auto_think_prob_hard if a else think_prob_hard) else Mode.NO_THINK
-             for it, u, a in zip(items, draw, auto)]  # fmt: skip
+    prob = {(True, True): auto_think_prob_hard, (True, False): think_prob_hard, (False, True): 0.0,
+            (False, False): think_prob_easy}  # (hard, auto)
+    modes = [Mode.THINK if u < prob[it.hard, a] else Mode.NO_THINK for it, u, a in zip(items, draw, auto)]
     return modes, auto
 
 
@@ -181,13 +190,21 @@ def build_dataset(n: int, seed: int, with_labels: bool = True):
 
 
 def build_tokenizer():
-    """A character-level ``PreTrainedTokenizerFast`` with R-4B's special tokens, built locally."""
+    """A character-level ``PreTrainedTokenizerFast`` with R-4B's special tokens, built locally: the task's words
+    and ``"\n\n"`` are single tokens, everything else one token per character.
+
+    Example:
+        >>> tok = build_tokenizer()
+        >>> len(tok(MODE_PREFIX[Mode.NO_THINK] + "7", add_special_tokens=False)["input_ids"])  # <think> \n\n ...
+        5
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARSET + WORDS + ["<unk>"])}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARSET + WORDS + [DOUBLE_NEWLINE, "<unk>"])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    words = "|".join(sorted(WORDS, key=len, reverse=True))  # longest first: "digits" before "digit"
+    # longest first: "digits" before "digit", "\n\n" before "\n"
+    words = "|".join(sorted(WORDS + [DOUBLE_NEWLINE], key=len, reverse=True))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(words + r"|[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()  # and no spaces between them when decoding
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token=PAD, eos_token=IM_END)
