@@ -203,27 +203,31 @@ def test_strict_mode_flags_validated_and_compared_on_resume(tmp_path, tiny_polic
 @pytest.mark.parametrize("flag, prefix_trained", [([], True), (["--no-train-mode-prefix"], False)])
 def test_train_mode_prefix_puts_the_forced_prefix_in_the_loss(tmp_path, tiny_policy_dir, monkeypatch, flag,
                                                                prefix_trained):  # fmt: skip
-    """--train-mode-prefix (default): the loss mask is every emitted token, the forced mode prefix included (its
-    advantage reaches the think / no-think decision); --no-train-mode-prefix: only the sampled tokens."""
+    """--train-mode-prefix (default): the loss mask is the sampled tokens plus the forced mode prefix of rollouts with
+    a positive advantage (it reaches the think / no-think decision); --no-train-mode-prefix: only the sampled ones."""
     import r4b_fast.training.bpo as bpo
 
     seen = []
 
     def spy(hidden, weight, completions, advantages, mask, **kwargs):
-        seen.append(mask.clone())
+        seen.append((mask.clone(), advantages.clone()))
         return real(hidden, weight, completions, advantages, mask, **kwargs)
 
     real = bpo.fused_linear_policy_loss
     rollouts_seen = []
     real_generate = bpo.generate_rollouts
     monkeypatch.setattr(bpo, "fused_linear_policy_loss", spy)
+    # the thinking half earns the reward: positive advantages there, negative in the non-thinking half
+    monkeypatch.setattr(bpo, "accuracy_reward", lambda text, answer: float(not text.startswith("<think>\n\n")))
     monkeypatch.setattr(bpo, "generate_rollouts", lambda *a, **k: rollouts_seen.append(real_generate(*a, **k))
                         or rollouts_seen[-1])  # fmt: skip
     argv = ["--model", str(tiny_policy_dir), "--steps", "1", "--prompts", "2", "--g", "2", "--max-new-tokens", "8",
             "--eval-items", "0", "--output-dir", str(tmp_path), *flag]
     assert bpo.main(argv) == 0
     (ro,) = rollouts_seen
-    (mask,) = seen
-    assert ro.forced_mask.any()
-    expected = ro.completion_mask if prefix_trained else ro.completion_mask & ~ro.forced_mask
+    ((mask, adv),) = seen
+    assert ro.forced_mask.any() and (adv > 0).any() and (adv < 0).any()
+    expected = ro.completion_mask & ~ro.forced_mask
+    if prefix_trained:
+        expected = expected | (ro.completion_mask & ro.forced_mask & (adv > 0)[:, None])
     assert torch.equal(mask, expected)

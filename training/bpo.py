@@ -111,8 +111,8 @@ def parse_args(argv):
     p.add_argument("--temperature", type=float, default=1.0)
     add_strict_mode_arguments(p)
     p.add_argument("--train-mode-prefix", action=argparse.BooleanOptionalAction, default=True,
-                   help="train the forced mode-prefix tokens with the rollout's advantage (reaches auto mode's "
-                        "think / no-think decision)")  # fmt: skip
+                   help="train the forced mode-prefix tokens of rollouts with a positive advantage (reaches auto "
+                        "mode's think / no-think decision)")  # fmt: skip
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--ppo-epochs", type=int, default=1)
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per PPO epoch")
@@ -321,10 +321,14 @@ def _train(args) -> int:
         # groups never straddle ranks (a rank holds whole prompts): the advantages are local
         adv = group_advantages(rewards, group, modes=modes, estimator="bpo" if args.algo == "bpo" else "grpo",
                                nonfinite="zero")
-        # --train-mode-prefix: the forced mode prefix is trained too (its log-probs are the policy's own), so that a
-        # group's advantage reaches the mode decision after "<think>" ("\n" vs "\n\n": one token forced in both halves,
-        # which auto mode samples); without it BPO can only move auto mode through what the halves write after it
-        trained = rollouts.completion_mask if args.train_mode_prefix else rollouts.policy_mask
+        # --train-mode-prefix: the forced mode prefix of rollouts with a positive advantage is trained too (its
+        # log-probs are the policy's own), so that the better mode's prefix reaches the mode decision after "<think>"
+        # ("\n" vs "\n\n": one token, forced in both halves, that auto mode samples). Positive only: pushing the
+        # worse mode's token down would spread its probability over every other token (auto mode then writes
+        # "<think>:" or "<think>3"), pushing the better one up takes it from all of them.
+        trained = rollouts.policy_mask
+        if args.train_mode_prefix:
+            trained = trained | (rollouts.forced_mask & rollouts.completion_mask & (adv.advantages > 0)[:, None])
         mask = trained & torch.isfinite(rewards)[:, None]  # a failed reward: never trained on
         ref_logprobs = None
         if reference is not None:
