@@ -448,12 +448,19 @@ def test_metrics_survive_a_torn_last_line(tmp_path, capsys):
         read_metrics(path)
 
 
-def test_tensorboard_shows_no_duplicated_steps_after_a_resume(tmp_path):
+@pytest.mark.parametrize("writer_counter", [None, 9], ids=["any", "counter-9-to-10"])
+def test_tensorboard_shows_no_duplicated_steps_after_a_resume(tmp_path, monkeypatch, writer_counter):
+    """``counter-9-to-10``: the two event files' names differ only in TensorBoard's per-process writer counter (9, then
+    10, which sorts first by name) unless the resumed writer waits for the next second: the purge was lost (this test
+    failed when enough writers had been created earlier in the process)."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.summary.writer import event_file_writer
 
     from r4b_fast.training.common import MetricsLogger
 
+    if writer_counter is not None:
+        monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(writer_counter))
     logger = MetricsLogger(tmp_path)
     for step in range(1, 5):
         logger.log(step, {"loss": float(step)})

@@ -7,6 +7,7 @@ import math
 import os
 import random
 import shutil
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ class MetricsLogger:
 
                 # purge_step: TensorBoard hides the old event file's records from this step on (no duplicated steps)
                 purge = None if resume_step is None else resume_step + 1
+                if purge is not None:
+                    _after_existing_event_files(output_dir / "tensorboard")
                 self._tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=purge)
             except ImportError:  # tensorboard is optional: metrics.jsonl always has everything
                 self._tb = None
@@ -67,6 +70,21 @@ class MetricsLogger:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _after_existing_event_files(logdir: Path) -> None:
+    """Wait (at most a second) until a new event file's name sorts after the existing ones. TensorBoard reads event
+    files in name order and applies a purge only to records read before it; the name is
+    ``events.out.tfevents.<seconds>.<host>.<pid>.<counter>``, so within the same second a counter that went from 9 to 10
+    would sort the new file first and the purge would be lost."""
+    stamps = []
+    for f in logdir.glob("events.out.tfevents.*"):
+        parts = f.name.split(".")
+        if len(parts) > 3 and parts[3].isdigit():
+            stamps.append(int(parts[3]))
+    if stamps:
+        while int(time.time()) <= max(stamps):
+            time.sleep(0.05)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
