@@ -29,3 +29,17 @@ def kernel_backends() -> list:
         marks = [pytest.mark.skip(reason="; ".join(reasons))] if reasons else []
         params.append(pytest.param((backend, device), id=backend, marks=marks))
     return params
+
+
+@pytest.fixture(scope="module")
+def tiny_policy_dir(tmp_path_factory):
+    """A random tiny R-4B model saved like an annealed checkpoint (BPO's input), built in seconds; one per test
+    module (the loop, the comparison command and the fault tests all start from it)."""
+    from r4b_fast.training.task import build_tokenizer
+    from r4b_fast.training.tiny_model import build_tiny_r4b
+
+    path = tmp_path_factory.mktemp("policy")
+    tok = build_tokenizer()
+    build_tiny_r4b(tok, hidden_size=32, layers=1, seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -9,20 +9,6 @@ import torch
 from r4b_fast.training.common import read_metrics
 
 
-@pytest.fixture(scope="module")
-def tiny_policy_dir(tmp_path_factory):
-    """A random tiny R-4B model saved like an annealed checkpoint (the loop's input), built in seconds."""
-    from r4b_fast.training.task import build_tokenizer
-    from r4b_fast.training.tiny_model import build_tiny_r4b
-
-    path = tmp_path_factory.mktemp("policy")
-    tok = build_tokenizer()
-    model = build_tiny_r4b(tok, hidden_size=32, layers=1, seed=0)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_thought_classifies_think_blocks():
     from r4b_fast.training.rewards import thought
 

@@ -8,18 +8,6 @@ import pytest
 from r4b_fast.training.compare import derived, main, summarise, table
 
 
-@pytest.fixture(scope="module")
-def tiny_policy_dir(tmp_path_factory):
-    from r4b_fast.training.task import build_tokenizer
-    from r4b_fast.training.tiny_model import build_tiny_r4b
-
-    path = tmp_path_factory.mktemp("policy")
-    tok = build_tokenizer()
-    build_tiny_r4b(tok, hidden_size=32, layers=1, seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_summary_and_ratios_are_exact():
     s = summarise({"bpo": [{"a": 1.0, "b": 2.0}, {"a": 3.0}], "grpo": [{"a": 5.0}]})
     assert s["bpo"] == {"a": (2.0, statistics.stdev([1.0, 3.0]))} and s["grpo"] == {"a": (5.0, 0.0)}

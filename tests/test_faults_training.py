@@ -122,19 +122,6 @@ def _harness(out_json: str, module: str, base: Path, loop_args: list[str]) -> No
     Path(out_json).write_text(json.dumps({"ops": ops, "cases": results}, indent=1))
 
 
-@pytest.fixture(scope="module")
-def tiny_policy_dir(tmp_path_factory):
-    """A random tiny R-4B model saved like an annealed checkpoint (BPO's input)."""
-    from r4b_fast.training.task import build_tokenizer
-    from r4b_fast.training.tiny_model import build_tiny_r4b
-
-    path = tmp_path_factory.mktemp("policy")
-    tok = build_tokenizer()
-    build_tiny_r4b(tok, hidden_size=32, layers=1, seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def _run_harness(tmp_path, module, *loop_args) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = tmp_path / "kills.json"
