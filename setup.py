@@ -13,7 +13,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["r4b_fast", "r4b_fast.ops", "r4b_fast.models", "r4b_fast.integrations", "r4b_fast.kernels", "r4b_fast.training", "r4b_fast.csrc"],
+    packages=["r4b_fast", "r4b_fast.ops", "r4b_fast.models", "r4b_fast.integrations", "r4b_fast.kernels",
+              "r4b_fast.training", "r4b_fast.csrc"],
     package_dir={
         "r4b_fast": "r4b_fast",
         "r4b_fast.kernels": "kernels",
