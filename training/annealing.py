@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from r4b_fast import fused_linear_logprobs, pack_multimodal
+from r4b_fast import fused_linear_logprobs
+from r4b_fast.models.chat import ChatFormat
 from r4b_fast.modes import Mode
-from r4b_fast.packed_forward import packed_forward
 from r4b_fast.training.common import (
     CheckpointError,
     LossModule,
@@ -46,40 +46,47 @@ from r4b_fast.training.common import (
     set_seed,
     shard_model,
 )
-from r4b_fast.training.evaluation import add_strict_mode_arguments, check_strict_mode_arguments, evaluate_held_out
+from r4b_fast.training.evaluation import (
+    ModeTokens,
+    add_strict_mode_arguments,
+    check_strict_mode_arguments,
+    evaluate_held_out,
+)
 from r4b_fast.training.task import (
     AUTO_FRACTION,
     AUTO_THINK_PROB_HARD,
     HARD_FRACTION,
-    MODE_PREFIX,
+    IMAGE_TOKEN,
     THINK_LABEL_PROB_HARD,
     THINK_PROB_EASY,
     Item,
     annealing_mix,
     build_tokenizer,
-    prompt_text,
     sample_items,
-    target_text,
 )
 from r4b_fast.training.tiny_model import build_tiny_r4b, parameter_groups
 from r4b_fast.training.vision import ImageEncoder
 
 
 def encode_sft_batch(tokenizer, items: list[Item], modes: list[Mode], n_image_tokens: int | list[int],
-                     auto: list[bool] | None = None):  # fmt: skip
+                     auto: list[bool] | None = None, fmt: ChatFormat | None = None):  # fmt: skip
     """Right-padded input ids ``[B, L]`` int64, attention mask ``[B, L]``, labels ``[B, L]`` (-100 outside the
     assistant turn) and the list of images. ``n_image_tokens``: the placeholders of every image, or per item
     (``ImageEncoder.count``). ``auto``: per item, whether its mode decision is supervised (default: all); a forced
-    example (False) leaves its mode prefix (``MODE_PREFIX[mode]``: what a forced-mode prompt is given) at -100."""
+    example (False) leaves its mode prefix (``fmt.mode_prefix[mode]``: what a forced-mode prompt is given) at -100.
+    ``fmt``: the prompt format (``ModeTokens.from_tokenizer(tokenizer, model).format``: the chat template's, with
+    the model's image placeholder); default: the tokenizer's with ``<image>`` (the project's format without a
+    template)."""
     if isinstance(n_image_tokens, int):
         n_image_tokens = [n_image_tokens] * len(items)
     auto = [True] * len(items) if auto is None else auto
+    fmt = fmt or ChatFormat.from_tokenizer(tokenizer, IMAGE_TOKEN)
     ids, labels = [], []
     for item, mode, n_img, decides in zip(items, modes, n_image_tokens, auto):
-        prompt = tokenizer(prompt_text(item, n_img), add_special_tokens=False)["input_ids"]
-        target = tokenizer(target_text(item, mode), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt = fmt.prompt_ids(item, n_img)
+        target = fmt.ids(fmt.target(item, mode)) + [tokenizer.eos_token_id]
         ids.append(prompt + target)
-        hidden = 0 if decides else len(tokenizer(MODE_PREFIX[mode], add_special_tokens=False)["input_ids"])
+        hidden = 0 if decides else len(fmt.ids(fmt.mode_prefix[mode]))
         labels.append([-100] * (len(prompt) + hidden) + target[hidden:])
     width = max(map(len, ids))
     pad = tokenizer.pad_token_id
@@ -99,10 +106,9 @@ def sft_loss(model, input_ids, attention_mask, labels, images, normaliser=None,
     ``images``: a list of ``[3, H, W]`` tensors (or one ``[N, 3, H, W]`` tensor); ``encoder`` turns them into vision
     features (default: the model's fixed-size path)."""
     encoder = encoder or ImageEncoder(model)
-    vision = torch.cat(encoder.features(model, list(images)))
-    packed = pack_multimodal(input_ids, attention_mask, model.get_input_embeddings().weight, vision,
-                             image_token_id=model.config.image_token_index, rope="1d")
-    hidden = packed_forward(model.model, packed).last_hidden_state[0]  # [T, D]
+    # the model's family packs and runs it (1-D RoPE for LLaVA-OneVision / R-4B, M-RoPE + DeepStack for Qwen)
+    hidden, packed = encoder.family.packed_hidden(model, input_ids, attention_mask,
+                                                  encoder.encode(model, list(images)))  # [T, D]
     next_labels = torch.full_like(labels, -100)
     next_labels[:, :-1] = labels[:, 1:]  # position t is scored on token t + 1 of its own sequence
     targets = packed.pack(next_labels)
@@ -118,10 +124,11 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _annealing_data(args, tokenizer, n_img):
+def _annealing_data(args, tokenizer, n_img, fmt: ChatFormat | None = None):
     """(items, mode labels, auto flags) for ``steps x batch-size`` positions: the embedded task
     (``annealing_mix``), or the rows of --dataset repeated in order (epochs; every row's turn supervised whole).
-    ``n_img(item)``: the placeholders of the item's image."""
+    ``n_img(item)``: the placeholders of the item's image; ``fmt``: the prompt format."""
+    fmt = fmt or ChatFormat.from_tokenizer(tokenizer, IMAGE_TOKEN)
     if args.dataset is None:
         items = sample_items(args.steps * args.batch_size, args.seed, args.hard_fraction)
         modes, auto = annealing_mix(items, args.seed, think_prob_hard=args.think_prob_hard,
@@ -131,8 +138,7 @@ def _annealing_data(args, tokenizer, n_img):
     from r4b_fast.training.data import annealing_row_problem, load_training_rows
 
     rows = load_training_rows(args.dataset, max_prompt_tokens=args.max_prompt_tokens, on_bad_row=args.on_bad_row,
-                              prompt_tokens=lambda r: len(tokenizer(prompt_text(r, n_img(r)),
-                                                                    add_special_tokens=False)["input_ids"]),
+                              prompt_tokens=lambda r: len(fmt.prompt_ids(r, n_img(r))),
                               check=annealing_row_problem)  # fmt: skip
     return rows, [r.mode for r in rows], [True] * len(rows)
 
@@ -140,8 +146,8 @@ def _annealing_data(args, tokenizer, n_img):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m r4b_fast.training.annealing", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None,
-                        help="start from this LLaVA-OneVision-architecture model (folder or hub id); default: a "
-                             "fresh tiny R-4B-architecture model for the embedded task")  # fmt: skip
+                        help="start from this model (folder or hub id): LLaVA-OneVision, R-4B, Qwen2.5-VL or "
+                             "Qwen3-VL; default: a fresh tiny R-4B-architecture model")  # fmt: skip
     parser.add_argument("--dataset", type=Path, default=None,
                         help="jsonl/parquet rows with image, question, answer, mode (think/no_think) and thought "
                              "(for think rows); default: the embedded task with R-4B-style labels")  # fmt: skip
@@ -224,11 +230,12 @@ def _train(args, device, precision, settings: dict, changes: list[str]) -> int:
         model, tokenizer = load_model(args.model, device)
     model_class, model_config = type(model), model.config
     encoder = ImageEncoder.for_model(model, args.model)
+    fmt = ModeTokens.from_tokenizer(tokenizer, model).format  # the chat template's prompts, the project's without
 
     def n_img(item):  # every image size is measured here, before sharding (ImageEncoder.count needs a plain model)
         return encoder.count(model, item)
 
-    train_items, train_modes, train_auto = _annealing_data(args, tokenizer, n_img)
+    train_items, train_modes, train_auto = _annealing_data(args, tokenizer, n_img, fmt)
     if args.dataset is None:
         n_img(train_items[0])  # the embedded task: one image size
     # the loss as a module: FSDP2's root under torchrun (same seeded weights on every rank), a plain wrapper alone
@@ -266,7 +273,7 @@ def _train(args, device, precision, settings: dict, changes: list[str]) -> int:
         picked = [(lo + i) % len(train_items) for i in range(share)]
         items = [train_items[i] for i in picked]
         batch = encode_sft_batch(tokenizer, items, [train_modes[i] for i in picked], [n_img(it) for it in items],
-                                 [train_auto[i] for i in picked])
+                                 [train_auto[i] for i in picked], fmt)
         batch = (*(t.to(device) for t in batch[:3]), batch[3])  # images stay on the CPU: the encoder moves them
         # the global token normaliser (x world: FSDP averages gradients over ranks)
         n_global = (batch[2][:, 1:] != -100).sum()

@@ -518,15 +518,17 @@ def add_device_arguments(parser) -> None:
 
 
 def load_model(path, device):
-    """A LLaVA-OneVision-architecture model and its tokenizer from a local folder or a hub id, on ``device``."""
-    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+    """A model of a supported family (LLaVA-OneVision, R-4B, Qwen2.5-VL, Qwen3-VL: ``r4b_fast.models``, chosen by
+    the config's ``architectures``) and its tokenizer, from a local folder or a hub id, on ``device``. An
+    unsupported architecture raises ``ValueError`` naming it and the supported ones.
 
-    if not (Path(path) / "config.json").exists() and Path(path).exists():
-        raise FileNotFoundError(f"--model: {path} has no config.json")
+    Example: ``model, tok = load_model("runs/annealing/model", "cpu")``."""
+    from r4b_fast.models import load_pretrained
+
     # fp32 master weights whatever dtype the checkpoint was saved in (bf16 for R-4B): AdamW updates them in fp32,
     # and --precision bf16 autocasts the compute
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).to(device)
-    return model, AutoTokenizer.from_pretrained(str(path))
+    model, tokenizer, _ = load_pretrained(path, device, dtype=torch.float32)
+    return model, tokenizer
 
 
 def init_distributed(device: torch.device | None = None) -> tuple[int, int]:

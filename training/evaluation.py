@@ -1,6 +1,7 @@
 """Held-out evaluation shared by both loops: completions from the project's rollout engine in a forced or auto
 mode (greedy or sampled), scored by accuracy and think rate per difficulty; and the pieces that feed the engine a
-LLaVA-OneVision prompt (mode-token ids, prompt embeddings with the image features, decoded completions)."""
+prompt of any family the loops load (mode-token ids and prompt format from the tokenizer, prompt embeddings with the
+image features, decoded completions)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,22 @@ from dataclasses import dataclass
 
 import torch
 
+from r4b_fast.models.chat import ChatFormat, ModeIds
 from r4b_fast.modes import Mode
 from r4b_fast.training.rewards import accuracy_reward, thought
-from r4b_fast.training.rollout import generate_rollouts
-from r4b_fast.training.task import IMAGE_TOKEN, MODE_PREFIX, THINK_CLOSE_SEQUENCE, Item, prompt_text, sample_items
+from r4b_fast.training.rollout import PromptInputs, generate_rollouts
+from r4b_fast.training.task import IMAGE_TOKEN, Item, sample_items
 from r4b_fast.training.vision import ImageEncoder
 
 
 @dataclass
 class ModeTokens:
-    """Token ids of the mode-control sequences, from the tokenizer (never hard-coded)."""
+    """Token ids of the mode-control sequences and the prompt format, from the tokenizer (never hard-coded): the
+    chat template's mode prefixes where it has one, the project's strings otherwise
+    (:class:`r4b_fast.models.ChatFormat`). ``think_start`` / ``think_end``: the tokens that mark a think block's
+    start and end for the sampler. ``format``: the :class:`~r4b_fast.models.ChatFormat` that writes the prompts.
+
+    Example: ``ModeTokens.from_tokenizer(tok, model).no_think`` -> the ids of ``<think>\\n\\n</think>\\n\\n``."""
 
     think_open: list[int]
     no_think: list[int]
@@ -27,30 +34,40 @@ class ModeTokens:
     eos: int
     pad: int
     image: int
+    think_start: int | None = None
+    think_end: int | None = None
+    format: ChatFormat | None = None
 
     @classmethod
-    def from_tokenizer(cls, tok) -> ModeTokens:
-        def ids(text):
-            return tok(text, add_special_tokens=False)["input_ids"]
+    def from_tokenizer(cls, tok, model=None) -> ModeTokens:
+        """``model``: its config names the image placeholder (default: the project's ``<image>``)."""
+        from r4b_fast.models import Family
 
-        return cls(ids(MODE_PREFIX[Mode.THINK]), ids(MODE_PREFIX[Mode.NO_THINK]), ids(THINK_CLOSE_SEQUENCE),
-                   ids(MODE_PREFIX[Mode.AUTO]), tok.eos_token_id, tok.pad_token_id,
-                   tok.convert_tokens_to_ids(IMAGE_TOKEN))
+        image = IMAGE_TOKEN if model is None else tok.convert_ids_to_tokens(Family.image_token_id(model.config))
+        fmt = ChatFormat.from_tokenizer(tok, image)
+        ids = ModeIds.from_format(fmt)
+        if tok.eos_token_id is None:
+            raise ValueError("tokenizer: it has no eos token (rollouts end on it)")
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return cls(ids.think_open, ids.no_think, ids.think_close, ids.auto, tok.eos_token_id, pad,
+                   tok.convert_tokens_to_ids(image), ids.think_start, ids.think_end, fmt)
+
+    def prompt_ids(self, item, num_image_tokens: int) -> list[int]:
+        """The prompt of ``item`` in this tokenizer's format (``format.prompt_ids``)."""
+        return self.format.prompt_ids(item, num_image_tokens)
 
 
 def prompt_embeddings(model, prompt_ids: list[list[int]], items: list[Item], image_id: int,
-                      encoder: ImageEncoder | None = None) -> list[torch.Tensor]:  # fmt: skip
-    """Per prompt, the token embeddings with the image features written over its ``<image>`` placeholders."""
-    device = next(model.parameters()).device
-    feats = (encoder or ImageEncoder(model)).features(model, [it.image() for it in items])
-    embed = model.get_input_embeddings()
-    out = []
-    for p, ids in enumerate(prompt_ids):
-        ids_t = torch.tensor(ids, device=device)
-        e = embed(ids_t).clone()
-        e[ids_t == image_id] = feats[p].to(e.dtype)
-        out.append(e)
-    return out
+                      encoder: ImageEncoder | None = None) -> PromptInputs:  # fmt: skip
+    """Per prompt, the token embeddings with the image features written over its placeholders (a
+    :class:`~r4b_fast.training.rollout.PromptInputs`: for the Qwen families also the M-RoPE positions and
+    Qwen3-VL's DeepStack features, which ``generate_rollouts`` reads from it)."""
+    encoder = encoder or ImageEncoder(model)
+    images = encoder.encode(model, [it.image() for it in items])
+    inputs = encoder.family.prompt_inputs(model, prompt_ids, images)
+    embeds, positions, deep = zip(*inputs)
+    return PromptInputs(embeds, positions=None if positions[0] is None else list(positions),
+                        deepstack=None if deep[0] is None else list(deep))  # fmt: skip
 
 
 def completion_texts(tokenizer, rollouts) -> list[str]:
@@ -91,11 +108,11 @@ def mode_completions(model, tokenizer, tokens: ModeTokens, items: list[Item], mo
     ``no_reopen``: the rollout engine's strict modes (``generate_rollouts``)."""
     was_training = model.training
     model.eval()
-    prompt_ids = [tokenizer(prompt_text(it, encoder.count(model, it)), add_special_tokens=False)["input_ids"]
-                  for it in items]  # fmt: skip
+    prompt_ids = [tokens.prompt_ids(it, encoder.count(model, it)) for it in items]
     rollouts = generate_rollouts(
         model, prompt_ids, [[mode]] * len(items), think_open_ids=tokens.think_open, no_think_ids=tokens.no_think,
         think_close_ids=tokens.think_close, auto_ids=tokens.auto, eos_id=tokens.eos, pad_id=tokens.pad,
+        think_start_id=tokens.think_start, think_end_id=tokens.think_end,
         max_new_tokens=max_new_tokens, temperature=temperature,
         generator=torch.Generator().manual_seed(seed + 123_457),  # not any training step's generator
         prompt_embeds=prompt_embeddings(model, prompt_ids, items, tokens.image, encoder),
@@ -114,7 +131,7 @@ def evaluate(model, tokenizer, items: list[Item], encoder: ImageEncoder, *, mode
     always thinks; no think tag after a closed block).
 
     Example: ``evaluate(model, tok, items, encoder, modes=(Mode.THINK,))["eval/acc_think_hard"]`` -> 0.9."""
-    tokens = ModeTokens.from_tokenizer(tokenizer)
+    tokens = ModeTokens.from_tokenizer(tokenizer, model)
     metrics = {}
     for mode in modes:
         texts = mode_completions(model, tokenizer, tokens, items, Mode(mode), encoder, max_new_tokens=max_new_tokens,

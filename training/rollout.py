@@ -9,6 +9,8 @@ For BPO, every prompt gets ``g`` rollouts forced into thinking and ``g`` forced 
 Host syncs: one per step (``state.finished.all()``, to stop early); none inside sampling or mode control.
 Text-only, or with precomputed prompt embeddings (``prompt_embeds``: e.g. text embeddings with image features
 merged in, LLaVA style) passed through as ``inputs_embeds`` on the first forward; the engine runs no vision encoder.
+A :class:`PromptInputs` may also carry per-prompt M-RoPE positions and DeepStack features; a Qwen-VL model runs as
+its language model + LM head (``r4b_fast.models.LanguageModelWithHead``), so that they reach the text model.
 """
 
 from __future__ import annotations
@@ -58,6 +60,39 @@ class RolloutResult:
     def policy_mask(self) -> torch.Tensor:
         """[R, N] bool: the sampled (trainable) tokens, ``completion_mask & ~forced_mask``."""
         return self.completion_mask & ~self.forced_mask
+
+
+class PromptInputs(list):
+    """Per prompt its ``[L_p, H]`` embeddings (a list, usable wherever ``prompt_embeds`` is), plus optionally
+    ``positions`` (per prompt ``[L_p]`` or ``[3, L_p]`` M-RoPE positions; decoding continues from the last one + 1)
+    and ``deepstack`` (per prompt ``[K, L_p, H]``: added to the hidden states after decoder layer ``k < K`` at every
+    prompt position, zero at text positions: Qwen3-VL's DeepStack)."""
+
+    def __init__(self, embeds, positions=None, deepstack=None):
+        super().__init__(embeds)
+        self.positions = positions
+        self.deepstack = deepstack
+
+
+def _think_end_default(open_ids: list[int], no_think_ids: list[int], close_ids: list[int]) -> int | None:
+    """The token that ends a think block when the caller names none: the first token of the close sequence that is
+    not in the open sequence and is in the non-thinking block (both contain ``</think>``); with a BPE tokenizer
+    without a ``</think>`` token this skips the close sequence's leading ``"\n"``. None: the sampler's default."""
+    for t in close_ids:
+        if t not in open_ids and t in no_think_ids:
+            return int(t)
+    return None
+
+
+def _generation_model(model):
+    """The Qwen-VL families run as language model + LM head (explicit M-RoPE positions and DeepStack features go
+    to the text model); any other model as it is."""
+    from r4b_fast.models.families import FAMILIES, LanguageModelWithHead
+
+    name = type(model).__name__
+    if any(name in f.architectures and f.rope == "mrope" for f in FAMILIES):
+        return LanguageModelWithHead(model)
+    return model
 
 
 def bpo_modes(g: int) -> list[int]:
@@ -120,7 +155,8 @@ def generate_rollouts(
         max_new_tokens: decoding steps at most (forced tokens count).
         temperature / top_k / top_p / min_p / generator / backend: as :func:`r4b_fast.ops.sampling.sample`.
         prompt_embeds: optional, per prompt a ``[L_p, H]`` tensor replacing the token embeddings of its prompt
-            (e.g. with image features merged in); ``prompts`` still give the lengths.
+            (e.g. with image features merged in); ``prompts`` still give the lengths. A :class:`PromptInputs`
+            adds M-RoPE positions and DeepStack features.
         noise_rows: ``(offset, total)``: these rollouts are rows ``[offset, offset + R)`` of a global batch of
             ``total``; each step draws the global batch's noise from ``generator`` and uses this slice, so that
             data-parallel ranks together sample exactly what one process generating the whole batch would.
@@ -164,6 +200,11 @@ def generate_rollouts(
         raise ValueError("noise_rows: expected (offset, total) together with a generator")
     if prompt_embeds is not None and len(prompt_embeds) != len(prompts):
         raise ValueError(f"prompt_embeds: {len(prompt_embeds)} entries for {len(prompts)} prompts")
+    positions_in = getattr(prompt_embeds, "positions", None)
+    deepstack_in = getattr(prompt_embeds, "deepstack", None)
+    model = _generation_model(model)
+    if think_end_id is None:
+        think_end_id = _think_end_default(list(think_open_ids), list(no_think_ids), list(think_close_ids))
     device = next(model.parameters()).device
     row_prompt, row_mode = [], []
     for p, ms in enumerate(modes):
@@ -185,6 +226,15 @@ def generate_rollouts(
         attn[r, L - n :] = 1
     ids, attn = ids.to(device), attn.to(device)
     position = (attn.cumsum(1) - 1).clamp_min(0)
+    if positions_in is not None:  # given per prompt (M-RoPE: [3, L_p]), left-padded like the tokens
+        dims = positions_in[0].shape[:-1]
+        position = torch.zeros(*dims, R, L, dtype=torch.int64, device=device)
+        for r, p in enumerate(row_prompt):
+            pos = positions_in[p]
+            if pos.shape != (*dims, len(prompt_lists[p])):
+                raise ValueError(f"prompt_embeds.positions: prompt {p} expected shape {(*dims, len(prompt_lists[p]))}"
+                                 f", got {tuple(pos.shape)}")  # fmt: skip
+            position[..., r, L - pos.shape[-1] :] = pos.to(device)
     state = ModeState.create(torch.tensor(row_mode, device=device), think_open_ids, no_think_ids, think_close_ids,
                              budget=budget, eos_id=eos_id, pad_id=pad_id, auto_ids=auto_ids,
                              think_start_id=think_start_id, think_end_id=think_end_id,
@@ -203,11 +253,18 @@ def generate_rollouts(
                 raise ValueError(f"prompt_embeds: prompt {p} expected shape ({len(prompt_lists[p])}, {H}), "
                                  f"got {tuple(e.shape)}")  # fmt: skip
             emb[r, L - e.shape[0] :] = e.to(device)
+        if deepstack_in is not None:  # DeepStack: per layer [R * L, H] over every position (zero at text)
+            k = deepstack_in[0].shape[0]
+            deep = torch.zeros(k, R, L, H, dtype=emb.dtype, device=device)
+            for r, p in enumerate(row_prompt):
+                deep[:, r, L - deepstack_in[p].shape[1] :] = deepstack_in[p].to(device=device, dtype=emb.dtype)
+            first.update(visual_pos_masks=torch.ones(R, L, dtype=torch.bool, device=device),
+                         deepstack_visual_embeds=list(deep.flatten(1, 2)))  # fmt: skip
         out = model(inputs_embeds=emb, **first)
     else:
         out = model(input_ids=ids, **first)
     logits = out.logits[:, -1].float()
-    next_pos = position[:, -1] + 1
+    next_pos = position[..., -1] + 1  # [R], or [3, R] (M-RoPE: after the text that ends every prompt, all equal)
     completions = torch.full((R, max_new_tokens), pad_id, dtype=torch.int64, device=device)
     cmask = torch.zeros(R, max_new_tokens, dtype=torch.bool, device=device)
     fmask = torch.zeros_like(cmask)
@@ -231,7 +288,7 @@ def generate_rollouts(
         if t == max_new_tokens - 1 or bool(state.finished.all()):  # the one host sync per step
             break
         attn = torch.cat([attn, ones], 1)
-        out = model(input_ids=step.tokens[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+        out = model(input_ids=step.tokens[:, None], attention_mask=attn, position_ids=next_pos[..., None],
                     use_cache=True, **{ckw: cache})  # fmt: skip
         logits = out.logits[:, -1].float()
         next_pos = next_pos + 1

@@ -64,13 +64,25 @@ def num_image_tokens(model) -> int:
         return image_embeddings(model, torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)).shape[0]
 
 
+# parameter-name markers of the projector (LLaVA-OneVision / R-4B, then the Qwen-VL mergers) and the vision tower
+PROJECTOR_MARKERS = ("multi_modal_projector", "visual.merger", "visual.deepstack_merger")
+VISION_MARKERS = ("vision_tower", "visual.")
+
+
 def parameter_groups(model, lr_vision: float, lr_projector: float, lr_llm: float, weight_decay: float = 0.0):
-    """AdamW groups with R-4B's three learning rates: vision tower, projector, language model (+ head)."""
+    """AdamW groups with R-4B's three learning rates: vision tower, projector, language model (+ head). The Qwen-VL
+    families' patch mergers (and Qwen3-VL's DeepStack mergers) count as the projector, the rest of ``visual`` as
+    the vision tower. Example: ``torch.optim.AdamW(parameter_groups(model, 1e-5, 1e-4, 1e-5))``."""
     groups = {"vision": [], "projector": [], "llm": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = "vision" if "vision_tower" in name else "projector" if "multi_modal_projector" in name else "llm"
+        if any(m in name for m in PROJECTOR_MARKERS):
+            key = "projector"
+        elif any(m in name for m in VISION_MARKERS):
+            key = "vision"
+        else:
+            key = "llm"
         groups[key].append(p)
     lrs = {"vision": lr_vision, "projector": lr_projector, "llm": lr_llm}
     return [{"params": ps, "lr": lrs[k], "weight_decay": weight_decay, "name": k} for k, ps in groups.items() if ps]
