@@ -4,6 +4,8 @@ Public ops (each validates its input, dispatches to the torch / triton / cuda ba
     group_advantages  GRPO / Dr.GRPO / RLOO / BPO advantages with per-mode statistics
     fused_linear_logprobs / fused_linear_policy_loss / logprobs_from_logits
                       LM-head log-probs, entropy and the clipped GRPO/BPO loss without materialising the logits
+    rollout_importance_weights / logprob_mismatch
+                      rollout vs trainer log-probs: truncated importance weights (verl's TIS) and mismatch metrics
     sample / sample_with_modes
                       sort-free, sync-free top-k/top-p/min-p sampling with per-row thinking-mode control
     pack_multimodal   padded multimodal batch -> one packed sequence (embeddings, 1-D / M-RoPE positions, cu_seqlens)
@@ -17,7 +19,9 @@ from r4b_fast.ops.fused_linear_logprobs import (
     fused_linear_logprobs,
     fused_linear_logprobs_ref,
     fused_linear_policy_loss,
+    logprob_mismatch,
     logprobs_from_logits,
+    rollout_importance_weights,
 )
 from r4b_fast.ops.group_advantages import GroupAdvantages, group_advantages, group_advantages_ref
 from r4b_fast.ops.pack_multimodal import PackedBatch, pack_multimodal, pack_multimodal_ref, unpack
@@ -39,10 +43,12 @@ __all__ = [
     "fused_linear_policy_loss",
     "group_advantages",
     "group_advantages_ref",
+    "logprob_mismatch",
     "logprobs_from_logits",
     "not_supported_reasons",
     "pack_multimodal",
     "pack_multimodal_ref",
+    "rollout_importance_weights",
     "sample",
     "sample_with_modes",
     "unpack",

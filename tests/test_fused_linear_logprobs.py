@@ -15,7 +15,9 @@ from r4b_fast.ops.fused_linear_logprobs import (
     fused_linear_logprobs,
     fused_linear_logprobs_ref,
     fused_linear_policy_loss,
+    logprob_mismatch,
     logprobs_from_logits,
+    rollout_importance_weights,
 )
 
 BACKENDS = [p for p in kernel_backends() if p.id != "cuda"]  # no cuda backend for this op (see the module docstring)
@@ -214,9 +216,32 @@ def test_logprobs_from_logits_matches_reference():
 # ----------------------------------------------------------------------------------------------------------------
 # Policy loss: the formulas written out token by token
 # ----------------------------------------------------------------------------------------------------------------
+def _aggregate(tok_loss, aggregation, normaliser, max_length):
+    """verl's agg_loss over a [B][L] list of per-token losses (None: not a token)."""
+    all_toks = [x for row in tok_loss for x in row if x is not None]
+    if aggregation == "token-mean":
+        return sum(all_toks) / (normaliser if normaliser is not None else max(len(all_toks), 1))
+    per_seq = []
+    for row in tok_loss:
+        toks = [x for x in row if x is not None]
+        if not toks:
+            continue
+        if aggregation == "seq-mean-token-mean":
+            per_seq.append(sum(toks) / len(toks))
+        elif aggregation == "seq-mean-token-sum":
+            per_seq.append(sum(toks))
+        else:
+            per_seq.append(sum(toks) / max_length)
+    return sum(per_seq) / (normaliser if normaliser is not None else max(len(per_seq), 1))
+
+
 def _loop_policy_loss(logp, ent, adv, mask, old, ref, *, beta, clip_low, clip_high, dual_clip, entropy_coef,
-                      aggregation, normaliser, max_length, importance_level):
+                      aggregation, normaliser, max_length, importance_level, rollout_is_weights=None,
+                      log_ratio_clamp=None, kl_log_ratio_clamp=None, kl_clamp=None, entropy_aggregation=None):
     B, L = logp.shape
+    lo, hi = (-log_ratio_clamp, log_ratio_clamp) if isinstance(log_ratio_clamp, float) else (log_ratio_clamp or
+                                                                                           (None, None))
+    ent_loss = [[None] * L for _ in range(B)]
     tok_loss = [[None] * L for _ in range(B)]
     n_low = n_high = n_dual = 0
     kl_sum = ratio_sum = ent_sum = 0.0
@@ -228,44 +253,44 @@ def _loop_policy_loss(logp, ent, adv, mask, old, ref, *, beta, clip_low, clip_hi
         for t in toks:
             a = float(adv[i] if adv.dim() == 1 else adv[i, t])
             if importance_level == "token":
-                ratio = torch.exp(logp[i, t] - old[i, t])
+                log_ratio = logp[i, t] - old[i, t]
             else:  # GSPO: sg[s_i] * pi / sg[pi]
-                ratio = torch.exp(s.detach()) * torch.exp(logp[i, t] - logp[i, t].detach())
+                log_ratio = s.detach() + logp[i, t] - logp[i, t].detach()
+            if lo is not None or hi is not None:
+                log_ratio = torch.clamp(log_ratio, None if lo == -math.inf else lo, None if hi == math.inf else hi)
+            ratio = torch.exp(log_ratio)
             clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
             loss = torch.maximum(-a * ratio, -a * clipped)
             if dual_clip is not None and a < 0:
                 if float(loss.detach()) > -a * dual_clip:
                     n_dual += 1
                 loss = torch.minimum(loss, torch.tensor(-a * dual_clip, dtype=loss.dtype))
+            if rollout_is_weights is not None:
+                w_is = rollout_is_weights[i] if rollout_is_weights.dim() == 1 else rollout_is_weights[i, t]
+                loss = loss * float(w_is)
             r = float(ratio.detach())
             n_low += int(a < 0 and r < 1 - clip_low)
             n_high += int(a > 0 and r > 1 + clip_high)
             if ref is not None:
                 d = ref[i, t] - logp[i, t]
+                if kl_log_ratio_clamp is not None:
+                    d = torch.clamp(d, -kl_log_ratio_clamp, kl_log_ratio_clamp)
                 kl = torch.exp(d) - d - 1
+                if kl_clamp is not None:
+                    kl = torch.clamp(kl, -kl_clamp, kl_clamp)
                 kl_sum += float(kl.detach())
                 loss = loss + beta * kl
-            loss = loss - entropy_coef * ent[i, t]
+            if entropy_aggregation is None:
+                loss = loss - entropy_coef * ent[i, t]
+            else:
+                ent_loss[i][t] = ent[i, t]
             tok_loss[i][t] = loss
             ratio_sum += r
             ent_sum += float(ent[i, t].detach())
             n_tok += 1
-    all_toks = [tok_loss[i][t] for i in range(B) for t in range(L) if tok_loss[i][t] is not None]
-    if aggregation == "token-mean":
-        total = sum(all_toks) / (normaliser if normaliser is not None else max(n_tok, 1))
-    else:
-        per_seq = []
-        for i in range(B):
-            toks = [x for x in tok_loss[i] if x is not None]
-            if not toks:
-                continue
-            if aggregation == "seq-mean-token-mean":
-                per_seq.append(sum(toks) / len(toks))
-            elif aggregation == "seq-mean-token-sum":
-                per_seq.append(sum(toks))
-            else:
-                per_seq.append(sum(toks) / max_length)
-        total = sum(per_seq) / (normaliser if normaliser is not None else max(len(per_seq), 1))
+    total = _aggregate(tok_loss, aggregation, normaliser, max_length)
+    if entropy_aggregation is not None:  # TRL-style: its own aggregation over these tokens, no normaliser
+        total = total - entropy_coef * _aggregate(ent_loss, entropy_aggregation, None, max_length)
     n = max(n_tok, 1)
     metrics = dict(kl=kl_sum / n, clip_frac_low=n_low / n, clip_frac_high=n_high / n, dual_clip_frac=n_dual / n,
                    ratio_mean=ratio_sum / n, entropy_mean=ent_sum / n)
@@ -300,6 +325,15 @@ POLICY_CASES = [
     dict(aggregation="token-mean", normaliser=37.0, beta=0.1, per_token_adv=True),
     dict(aggregation="seq-mean-token-sum-norm", max_length=16, normaliser=5.0, entropy_coef=0.1),
     dict(aggregation="seq-mean-token-mean", on_policy=True, beta=0.04),
+    # rollout importance weights (per token / per sequence), verl's clamps, TRL's token-mean entropy bonus
+    dict(aggregation="token-mean", rollout_is_weights="token", beta=0.05, dual_clip=1.05, per_token_adv=True),
+    dict(aggregation="seq-mean-token-mean", rollout_is_weights="sequence", entropy_coef=0.02),
+    dict(aggregation="seq-mean-token-mean", importance_level="sequence", rollout_is_weights="token",
+         log_ratio_clamp=(-math.inf, 0.05)),
+    dict(aggregation="token-mean", log_ratio_clamp=0.3, kl_log_ratio_clamp=0.25, kl_clamp=0.02, beta=0.5,
+         per_token_adv=True, dual_clip=1.05),
+    dict(aggregation="seq-mean-token-sum-norm", max_length=9, normaliser=4.0, entropy_coef=0.3,
+         entropy_aggregation="token-mean", rollout_is_weights="token"),
 ]
 
 
@@ -312,15 +346,20 @@ def test_policy_loss_matches_loop_formulas(case, backend_device):
     case = dict(case)
     on_policy = case.pop("on_policy", False)
     h, w, y, adv, mask, old, ref = _policy_case(11, per_token_adv=case.pop("per_token_adv", False))
+    if "rollout_is_weights" in case:  # weights in [0, 2], 0 for some tokens; [B] for the sequence level
+        shape = (y.shape[0],) if case["rollout_is_weights"] == "sequence" else y.shape
+        case["rollout_is_weights"] = torch.rand(shape, generator=torch.Generator().manual_seed(3)) * 2
+        case["rollout_is_weights"].view(-1)[1] = 0.0
     kw = dict(beta=0.0, clip_low=0.2, clip_high=0.2, dual_clip=None, entropy_coef=0.0, aggregation="token-mean",
               normaliser=None, max_length=None, importance_level="token")
     kw.update(case)
     use_ref = kw["beta"] != 0 or case.get("importance_level") == "sequence"
     hh, ww = h.clone().to(device).requires_grad_(), w.clone().to(device).requires_grad_()
     on = lambda t: t.to(device)  # noqa: E731
+    op_kw = {k: on(v) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     loss, metrics = fused_linear_policy_loss(hh, ww, on(y), on(adv), on(mask),
                                              old_logprobs=None if on_policy else on(old),
-                                             ref_logprobs=on(ref) if use_ref else None, backend=backend, **kw)
+                                             ref_logprobs=on(ref) if use_ref else None, backend=backend, **op_kw)
     gh, gw = (g.cpu() for g in torch.autograd.grad(loss, (hh, ww)))
     loss = loss.cpu()
     metrics = {k: v.cpu() for k, v in metrics.items()}
@@ -346,6 +385,17 @@ def test_policy_loss_matches_loop_formulas(case, backend_device):
         assert float(metrics["clip_frac_low"]) + float(metrics["clip_frac_high"]) > 0  # the case exercises clipping
     if case.get("dual_clip"):
         assert float(metrics["dual_clip_frac"]) > 0
+    options = ("rollout_is_weights", "log_ratio_clamp", "kl_log_ratio_clamp", "kl_clamp", "entropy_aggregation")
+    if any(k in case for k in options):  # the case's options change the gradient: they are exercised
+        plain = {k: v for k, v in op_kw.items() if k not in options}
+        loss0, _ = fused_linear_policy_loss(hh, ww, on(y), on(adv), on(mask),
+                                            old_logprobs=None if on_policy else on(old),
+                                            ref_logprobs=on(ref) if use_ref else None, backend=backend, **plain)
+        assert not torch.allclose(torch.autograd.grad(loss0, hh)[0].cpu(), gh, rtol=1e-3, atol=1e-5)
+    if "rollout_is_weights" in case:
+        is_w = case["rollout_is_weights"]
+        is_w = (is_w[:, None] if is_w.dim() == 1 else is_w).expand(mask.shape)
+        assert float(metrics["rollout_is_mean"]) == pytest.approx(float(is_w[mask].mean()), rel=1e-5)
 
 
 def test_policy_loss_on_policy_ratio_is_one_and_grad_is_pg():
@@ -356,6 +406,121 @@ def test_policy_loss_on_policy_ratio_is_one_and_grad_is_pg():
     assert float(metrics["clip_frac_low"]) == 0 and float(metrics["clip_frac_high"]) == 0
     loss.backward()
     assert hh.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollout importance weights and mismatch metrics
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_rollout_is_weights_several_chunks_match_eager(backend_device, level, monkeypatch):
+    """Weights from rollout_importance_weights, the fused gradients over several token chunks (and epilogue slices)
+    against autograd over materialised fp64 logits with the weights multiplied into the clipped term."""
+    backend, device = backend_device
+    B, L, H, V = 4, 9, 16, 67
+    _several_chunks(monkeypatch, B * L, V)
+    gen = torch.Generator().manual_seed(7)
+    h, w = torch.randn(B, L, H, generator=gen), torch.randn(V, H, generator=gen) / 4
+    y = torch.randint(0, V, (B, L), generator=gen)
+    mask = torch.rand(B, L, generator=gen) < 0.8
+    adv = torch.randn(B, L, generator=gen)
+    with torch.no_grad():
+        base = torch.log_softmax(h @ w.T, -1).gather(-1, y[..., None]).squeeze(-1)
+    old = base + 0.3 * torch.randn(B, L, generator=gen)  # the trainer's old log-probs
+    rollout = old + 0.4 * torch.randn(B, L, generator=gen)  # a rollout engine that disagrees with it
+    ref = base + 0.2 * torch.randn(B, L, generator=gen)
+    is_w = rollout_importance_weights(old, rollout, mask, cap=1.3 if level == "token" else 2.0, level=level)
+    assert (is_w == is_w.max()).sum() > 1 and (is_w[mask] < 1).any()  # truncation active, weights below 1 too
+    kw = dict(old_logprobs=old, ref_logprobs=ref, beta=0.1, clip_low=0.2, clip_high=0.28, dual_clip=2.0,
+              entropy_coef=0.01, aggregation="seq-mean-token-mean")
+    on = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    hh, ww = h.clone().to(device).requires_grad_(), w.clone().to(device).requires_grad_()
+    loss, _ = fused_linear_policy_loss(hh, ww, on(y), on(adv), on(mask), rollout_is_weights=on(is_w),
+                                       backend=backend, **{k: on(v) for k, v in kw.items()})
+    gh, gw = (g.cpu().double() for g in torch.autograd.grad(loss, (hh, ww)))
+
+    h2, w2 = h.double().requires_grad_(), w.double().requires_grad_()
+    logsm = torch.log_softmax(h2 @ w2.T, -1)
+    logp = logsm.gather(-1, y[..., None]).squeeze(-1)
+    ent = -(logsm.exp() * logsm).sum(-1)
+    ratio = torch.exp(logp - old.double())
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.28))
+    pg = torch.where(adv < 0, torch.minimum(pg, -adv * 2.0), pg) * is_w.double()
+    d = ref.double() - logp
+    tok = pg + 0.1 * (torch.exp(d) - d - 1) - 0.01 * ent
+    m = mask.double()
+    total = ((tok * m).sum(-1) / m.sum(-1)).mean()
+    rgh, rgw = torch.autograd.grad(total, (h2, w2))
+    torch.testing.assert_close(loss.cpu().double(), total.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh, rgh, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw, rgw, rtol=1e-4, atol=1e-6)
+
+
+def test_rollout_importance_weights_values():
+    old = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-1.0, -40.0, -1.0, 0.0]])
+    rollout = torch.tensor([[-1.5, -2.0, -3.0, float("nan")], [-0.9, -1.0, -1.2, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]])  # NaN where masked out: ignored
+    tok = rollout_importance_weights(old, rollout, mask, cap=2.0)
+    expect = torch.tensor([[math.exp(0.5), 1.0, 2.0, 0.0], [math.exp(-0.1), math.exp(-20.0), math.exp(0.2), 0.0]])
+    torch.testing.assert_close(tok, expect)  # -39 clamped to -20 (verl's SAFETY_BOUND), 2.5 truncated to cap 2
+    seq = rollout_importance_weights(old, rollout, mask, cap=None, level="sequence")
+    expect = torch.tensor([[math.exp(3.0)] * 3 + [0.0], [math.exp(-20.0)] * 3 + [0.0]])  # sums 3.0 and -38.9
+    torch.testing.assert_close(seq, expect)
+    assert not tok.requires_grad
+    assert rollout_importance_weights(old, rollout, mask.bool(), cap=1.0, level="sequence")[0, 0] == 1.0
+
+
+def test_logprob_mismatch_values():
+    train = torch.tensor([[-1.0, -2.0, 5.0], [-0.3, -0.2, -0.1]], dtype=torch.float64)
+    rollout = torch.tensor([[-1.5, -2.0, float("inf")], [-0.3, -0.2 - 1e-6, -0.1]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    m = logprob_mismatch(train, rollout, mask)
+    d = torch.tensor([0.5, 0.0, 0.0, 1e-6, 0.0], dtype=torch.float64)
+    assert float(m["mismatch/abs_mean"]) == pytest.approx(float(d.abs().mean()), rel=1e-6)
+    assert float(m["mismatch/abs_max"]) == pytest.approx(0.5)
+    k3 = (math.exp(0.5) - 1.5 + (math.exp(1e-6) - 1e-6 - 1)) / 5
+    assert float(m["mismatch/k3"]) == pytest.approx(k3, rel=1e-6)
+    tiny = logprob_mismatch(torch.tensor([[-1.0]]), torch.tensor([[-1.0 - 2**-20]]), torch.ones(1, 1))
+    assert float(tiny["mismatch/k3"]) == pytest.approx(2.0**-41, rel=1e-3)  # expm1 in float64: no fp32 noise
+    empty = logprob_mismatch(train, rollout, torch.zeros(2, 3))
+    assert all(float(v) == 0 for v in empty.values())
+
+
+def test_bad_input_rollout_options():
+    h, w, y, adv, mask, old, ref = _policy_case(1)
+    call = lambda **kw: fused_linear_policy_loss(**{**dict(hidden=h, weight=w, targets=y, advantages=adv,  # noqa: E731
+                                                           mask=mask, old_logprobs=old), **kw})
+    with pytest.raises(ValueError, match=r"rollout_is_weights: expected shape \(3,\) or \(3, 6\)"):
+        call(rollout_is_weights=torch.ones(3, 5))
+    with pytest.raises(TypeError, match="rollout_is_weights: expected a floating-point tensor"):
+        call(rollout_is_weights=torch.ones(3, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"rollout_is_weights: 1 value\(s\) not finite or negative"):
+        call(rollout_is_weights=torch.tensor([1.0, -0.5, 1.0]))
+    with pytest.raises(ValueError, match=r"rollout_is_weights: 1 value\(s\) not finite"):
+        call(rollout_is_weights=torch.tensor([1.0, float("nan"), 1.0]))
+    for bad in (0.0, -1.0, (1.0, 2.0), (0.0, 0.0), (-1.0, 2.0, 3.0), "20", float("nan"), (None, 10.0)):
+        with pytest.raises(ValueError, match="log_ratio_clamp: expected"):
+            call(log_ratio_clamp=bad)
+    for name in ("kl_log_ratio_clamp", "kl_clamp"):
+        for bad in (0.0, -1.0, float("inf"), True):
+            with pytest.raises(ValueError, match=f"{name}: expected a finite float > 0"):
+                call(**{name: bad})
+    with pytest.raises(ValueError, match="entropy_aggregation: expected None or one of"):
+        call(entropy_aggregation="mean")
+    with pytest.raises(ValueError, match=r"mask: expected shape \(3, 6\)"):
+        rollout_importance_weights(old, ref, mask[:, :2])
+    with pytest.raises(ValueError, match=r"rollout_logprobs: expected shape \(3, 6\)"):
+        rollout_importance_weights(old, ref[:, :2], mask)
+    with pytest.raises(ValueError, match="cap: expected a float > 0"):
+        rollout_importance_weights(old, ref, mask, cap=0.0)
+    with pytest.raises(ValueError, match="level: expected one of"):
+        rollout_importance_weights(old, ref, mask, level="batch")
+    with pytest.raises(ValueError, match=r"old_logprobs: 1 non-finite value\(s\) where mask is 1"):
+        rollout_importance_weights(old.masked_fill(torch.arange(18).view(3, 6) == 0, float("nan")), ref, mask)
+    with pytest.raises(ValueError, match=r"train_logprobs: expected \[B, L\]"):
+        logprob_mismatch(old[0], ref[0], mask[0])
+    with pytest.raises(ValueError, match=r"mask: 1 value\(s\) neither 0 nor 1"):
+        logprob_mismatch(old, ref, torch.where(torch.arange(18).view(3, 6) == 4, 0.5, mask.float()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -437,9 +602,12 @@ def test_opcheck():
                                                      y, temp, lse, lse, -100, need_dh, need_dw, "torch"),
                               test_utils=utils)  # fmt: skip
         vec = torch.randn(7)
-        torch.library.opcheck(flp._policy_grads_op, (h.detach(), w.detach(), b.detach(), y, temp, -100, vec, vec - 1,
-                                                     vec + 1, vec.abs(), 0.2, 0.3, 3.0, 0.1, 0.01, need_dh, need_dw,
-                                                     "torch"), test_utils=utils)  # fmt: skip
+        for extra in ((None, None, None, None, None, None), (vec.abs() + 0.1, vec.abs(), -20.0, 10.0, 20.0, 10.0)):
+            ent_w, is_w, clamps = extra[0], extra[1], extra[2:]
+            torch.library.opcheck(flp._policy_grads_op, (h.detach(), w.detach(), b.detach(), y, temp, -100, vec,
+                                                         vec - 1, vec + 1, vec.abs(), ent_w, is_w, 0.2, 0.3, 3.0, 0.1,
+                                                         0.01, *clamps, need_dh, need_dw, "torch"),
+                                  test_utils=utils)  # fmt: skip
     torch.library.opcheck(flp._attach_grads_op, (torch.tensor(1.5), h, w, b, torch.randn(7, 8), torch.randn(31, 8),
                                                  torch.randn(31)), test_utils=utils)  # fmt: skip
 

@@ -400,19 +400,55 @@ _flp_op.register_autograd(_backward, setup_context=_setup_context)
 
 @dataclass(frozen=True)
 class _PPO:
-    """The clipped policy-gradient objective's constants (``fused_linear_policy_loss``'s arguments)."""
+    """The clipped policy-gradient objective's constants (``fused_linear_policy_loss``'s arguments). ``lr_low`` /
+    ``lr_high``: the log-ratio clamp (None: none); ``kl_lr_clamp`` / ``kl_clamp``: verl's k3 clamps (None: none)."""
 
     clip_low: float
     clip_high: float
     dual_clip: float | None
     beta: float
     entropy_coef: float
+    lr_low: float | None = None
+    lr_high: float | None = None
+    kl_lr_clamp: float | None = None
+    kl_clamp: float | None = None
 
 
-def _ppo_token_loss(log_ratio, logp, entropy, adv, ref, ppo: _PPO):
-    """Per-token ``(loss_tok, ratio, dual_active, kl)``: ``max(-A r, -A clip(r))`` (dual-clipped where A < 0) +
-    ``beta * k3`` - ``entropy_coef * entropy``; ``kl`` / ``dual_active`` None when not computed. The one definition
-    of the loss: the value and the fused gradients both come from it."""
+def _inside(x, low, high):
+    """``torch.clamp(x, low, high)``'s gradient mask: 1 on the closed interval, 0 outside (either bound None)."""
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if low is not None:
+        keep = keep & (x >= low)
+    if high is not None:
+        keep = keep & (x <= high)
+    return keep.float()
+
+
+def _k3(logp, ref, ppo: _PPO):
+    """``(k3, d k3 / d logp)`` with verl's optional clamps: ``d = clamp(ref - logp, +-kl_lr_clamp)``, ``k3 =
+    clamp(exp(d) - d - 1, +-kl_clamp)``; the derivative as autograd gives it through the clamps."""
+    d = ref - logp
+    grad_mask = None
+    if ppo.kl_lr_clamp is not None:
+        grad_mask = _inside(d, -ppo.kl_lr_clamp, ppo.kl_lr_clamp)
+        d = d.clamp(-ppo.kl_lr_clamp, ppo.kl_lr_clamp)
+    e = torch.exp(d)
+    kl = e - d - 1
+    if ppo.kl_clamp is not None:
+        inside = _inside(kl, -ppo.kl_clamp, ppo.kl_clamp)
+        grad_mask = inside if grad_mask is None else grad_mask * inside
+        kl = kl.clamp(-ppo.kl_clamp, ppo.kl_clamp)
+    grad = 1 - e  # d k3 / d logp = -(exp(d) - 1)
+    return kl, (grad if grad_mask is None else grad * grad_mask)
+
+
+def _ppo_token_loss(log_ratio, logp, adv, ref, ppo: _PPO, is_weights=None):
+    """Per-token ``(loss_tok, ratio, dual_active, kl)``: ``is_weights * max(-A r, -A clip(r))`` (dual-clipped where
+    A < 0; ``r = exp(clamp(log_ratio))``) + ``beta * k3``; ``kl`` / ``dual_active`` None when not computed. The entropy
+    bonus is added by the caller (its own aggregation). The one definition of the loss: the value and the fused
+    gradients (``_ppo_token_grad``) both come from it."""
+    if ppo.lr_low is not None or ppo.lr_high is not None:
+        log_ratio = log_ratio.clamp(ppo.lr_low, ppo.lr_high)
     ratio = torch.exp(log_ratio)
     pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - ppo.clip_low, 1 + ppo.clip_high))
     dual_active = None
@@ -420,21 +456,24 @@ def _ppo_token_loss(log_ratio, logp, entropy, adv, ref, ppo: _PPO):
         pg3 = -adv * ppo.dual_clip
         dual_active = (adv < 0) & (pg > pg3)
         pg = torch.where(adv < 0, torch.minimum(pg, pg3), pg)
+    if is_weights is not None:  # rollout importance weights (verl's TIS): the policy-gradient term only
+        pg = pg * is_weights
     loss_tok, kl = pg, None
     if ref is not None:
-        d = ref - logp
-        kl = torch.exp(d) - d - 1
+        kl = _k3(logp, ref, ppo)[0]
         if ppo.beta != 0:
             loss_tok = loss_tok + ppo.beta * kl
-    if ppo.entropy_coef != 0:
-        loss_tok = loss_tok - ppo.entropy_coef * entropy
     return loss_tok, ratio, dual_active, kl
 
 
-def _ppo_token_grad(log_ratio, logp, adv, ref, ppo: _PPO):
+def _ppo_token_grad(log_ratio, logp, adv, ref, ppo: _PPO, is_weights=None):
     """``d loss_tok / d logp`` of :func:`_ppo_token_loss` for a token-level ratio ``exp(logp - old)``, with autograd's
     conventions (a custom op's body runs below autograd, so the derivative is written out): ``maximum`` / ``minimum``
     split the gradient evenly at ties, ``clamp`` passes it on the closed interval."""
+    through = None
+    if ppo.lr_low is not None or ppo.lr_high is not None:
+        through = _inside(log_ratio, ppo.lr_low, ppo.lr_high)
+        log_ratio = log_ratio.clamp(ppo.lr_low, ppo.lr_high)
     ratio = torch.exp(log_ratio)
     lo, hi = 1 - ppo.clip_low, 1 + ppo.clip_high
     pg1, pg2 = -adv * ratio, -adv * ratio.clamp(lo, hi)
@@ -445,8 +484,12 @@ def _ppo_token_grad(log_ratio, logp, adv, ref, ppo: _PPO):
         pg, pg3 = torch.maximum(pg1, pg2), -adv * ppo.dual_clip
         kept = (pg < pg3).float() + (pg == pg3).float() * 0.5
         grad = torch.where(adv < 0, grad * kept, grad)
-    if ref is not None and ppo.beta != 0:  # d k3 / d logp = 1 - exp(ref - logp)
-        grad = grad + ppo.beta * (1 - torch.exp(ref - logp))
+    if through is not None:
+        grad = grad * through
+    if is_weights is not None:
+        grad = grad * is_weights
+    if ref is not None and ppo.beta != 0:
+        grad = grad + ppo.beta * _k3(logp, ref, ppo)[1]
     return grad
 
 
@@ -462,27 +505,35 @@ def _policy_grads_op(
     old_logprobs: torch.Tensor | None,
     ref_logprobs: torch.Tensor | None,
     token_weights: torch.Tensor,
+    entropy_weights: torch.Tensor | None,
+    is_weights: torch.Tensor | None,
     clip_low: float,
     clip_high: float,
     dual_clip: float | None,
     beta: float,
     entropy_coef: float,
+    lr_low: float | None,
+    lr_high: float | None,
+    kl_lr_clamp: float | None,
+    kl_clamp: float | None,
     need_dh: bool,
     need_dw: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logp, entropy, dh, dw, db)`` of ``loss = sum_t token_weights[t] * loss_tok[t]`` (token-level importance):
-    each chunk's ``d loss / d logp`` (``_ppo_token_grad``) and ``d loss / d entropy`` (``-entropy_coef``) weight the
-    chunk's logit gradient, and its two GEMMs follow at once."""
+    """``(logp, entropy, dh, dw, db)`` of ``loss = sum_t token_weights[t] * loss_tok[t] - entropy_coef *
+    sum_t entropy_weights[t] * entropy[t]`` (token-level importance; ``entropy_weights`` None: ``token_weights``):
+    each chunk's ``d loss / d logp`` (``_ppo_token_grad``) and ``d loss / d entropy`` weight the chunk's logit
+    gradient, and its two GEMMs follow at once."""
     head = _head(hidden, weight, bias, targets, temperature, ignore_index, backend)
-    ppo = _PPO(clip_low, clip_high, dual_clip, beta, entropy_coef)
-
-    gh_const = None if entropy_coef == 0 else torch.full_like(token_weights, -entropy_coef) * token_weights
+    ppo = _PPO(clip_low, clip_high, dual_clip, beta, entropy_coef, lr_low, lr_high, kl_lr_clamp, kl_clamp)
+    ent_w = token_weights if entropy_weights is None else entropy_weights
+    gh_const = None if entropy_coef == 0 else -entropy_coef * ent_w
 
     def grad_fn(t0, t1, logp, entropy):
         log_ratio = logp - old_logprobs[t0:t1] if old_logprobs is not None else torch.zeros_like(logp)
         ref = ref_logprobs[t0:t1] if ref_logprobs is not None else None
-        gl = _ppo_token_grad(log_ratio, logp, advantages[t0:t1], ref, ppo) * token_weights[t0:t1]
+        w = is_weights[t0:t1] if is_weights is not None else None
+        gl = _ppo_token_grad(log_ratio, logp, advantages[t0:t1], ref, ppo, w) * token_weights[t0:t1]
         return gl, (gh_const[t0:t1] if gh_const is not None else None)
 
     grads = _Grads.empty(head, need_dh, need_dw, bias is not None)
@@ -492,7 +543,8 @@ def _policy_grads_op(
 
 @_policy_grads_op.register_fake
 def _(hidden, weight, bias, targets, temperature, ignore_index, advantages, old_logprobs, ref_logprobs, token_weights,
-      clip_low, clip_high, dual_clip, beta, entropy_coef, need_dh, need_dw, backend):  # fmt: skip
+      entropy_weights, is_weights, clip_low, clip_high, dual_clip, beta, entropy_coef, lr_low, lr_high, kl_lr_clamp,
+      kl_clamp, need_dh, need_dw, backend):  # fmt: skip
     T = hidden.shape[0]
     rows = (hidden.new_empty(T, dtype=torch.float32), hidden.new_empty(T, dtype=torch.float32))
     return (*rows, *_grads_fake(hidden, weight, bias, need_dh, need_dw))
@@ -768,6 +820,27 @@ def _masked_mean(x, mask_f):
     return (x * mask_f).sum() / mask_f.sum().clamp_min(1)
 
 
+def _log_ratio_bounds(log_ratio_clamp) -> tuple[float | None, float | None]:
+    """``log_ratio_clamp`` (None, ``c`` or ``(low, high)``) as ``(low, high)``; an infinite bound becomes None."""
+    if log_ratio_clamp is None:
+        return None, None
+    pair = isinstance(log_ratio_clamp, (tuple, list))
+    values = tuple(log_ratio_clamp) if pair else (log_ratio_clamp,)
+    if len(values) != (2 if pair else 1) or any(
+        isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) for v in values
+    ):
+        raise ValueError(f"log_ratio_clamp: expected a float or a (low, high) pair of floats, got {log_ratio_clamp!r}")
+    if not pair:
+        if not values[0] > 0:
+            raise ValueError(f"log_ratio_clamp: expected a float > 0 (verl: 20.0), got {log_ratio_clamp!r}")
+        values = (-values[0], values[0])
+    low, high = values
+    if not low <= 0 <= high or low == high:
+        raise ValueError(f"log_ratio_clamp: expected (low, high) with low <= 0 <= high and low < high (the on-policy "
+                         f"log-ratio 0 must stay inside), got {log_ratio_clamp!r}")
+    return (None if math.isinf(low) else float(low)), (None if math.isinf(high) else float(high))
+
+
 def fused_linear_policy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -788,13 +861,21 @@ def fused_linear_policy_loss(
     normaliser: float | torch.Tensor | None = None,
     max_length: int | None = None,
     importance_level: str = "token",
+    rollout_is_weights: torch.Tensor | None = None,
+    log_ratio_clamp: float | tuple[float, float] | None = None,
+    kl_log_ratio_clamp: float | None = None,
+    kl_clamp: float | None = None,
+    entropy_aggregation: str | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-clipped GRPO / DAPO / Dr.GRPO / GSPO / BPO policy loss straight from the LM head's input.
 
     Per token (``m`` = mask): ``ratio = exp(logp - old)``, ``pg = max(-A * ratio, -A * clip(ratio, 1 - clip_low,
-    1 + clip_high))``; with ``dual_clip = c > 1``, ``pg = min(pg, -c * A)`` where ``A < 0``; ``loss_tok = pg + beta *
-    k3(ref, logp) - entropy_coef * entropy`` with ``k3 = exp(ref - logp) - (ref - logp) - 1``; then aggregated.
+    1 + clip_high))``; with ``dual_clip = c > 1``, ``pg = min(pg, -c * A)`` where ``A < 0``; with rollout importance
+    weights ``w``, ``pg = w * pg``; ``loss_tok = pg + beta * k3(ref, logp)`` with ``k3 = exp(ref - logp) - (ref -
+    logp) - 1``; ``loss = agg(loss_tok) - entropy_coef * agg_H(entropy)``, ``agg`` the ``aggregation``, ``agg_H``
+    the same unless ``entropy_aggregation`` says otherwise. The README's table "Reproducing a trainer's loss" lists
+    the arguments that give TRL's and verl's losses exactly.
 
     Args:
         hidden: ``[B, L, H]`` last hidden states (``[B*L, H]`` also accepted).
@@ -818,12 +899,30 @@ def fused_linear_policy_loss(
         max_length: the constant length of ``seq-mean-token-sum-norm`` (default ``L``).
         importance_level: ``"token"`` (PPO/GRPO) or ``"sequence"`` (GSPO: ``s_i = exp(mean_t(logp - old))`` per
             sequence, per-token ``s_i = sg[s_i] * pi(y_t) / sg[pi(y_t)]``).
+        rollout_is_weights: ``[B, L]`` per token or ``[B]`` per sequence, finite and ``>= 0``, detached: multiply the
+            policy-gradient term of each token (not the KL or entropy terms), as verl's ``rollout_is_weights`` (TIS,
+            ``compute_policy_loss_vanilla`` / ``_gspo``) and TRL's ``importance_sampling_ratio`` (``per_token_loss *
+            importance_sampling_ratio`` before the KL is added). Correct a rollout engine whose log-probs differ
+            from the trainer's: pass the trainer's own log-probs as ``old_logprobs`` and
+            :func:`rollout_importance_weights` of them and the rollout's log-probs here.
+        log_ratio_clamp: clamp ``logp - old`` before ``exp``: a float ``c`` clamps to ``[-c, c]`` (verl's
+            vanilla / dual-clip loss: ``20.0``), a pair ``(low, high)`` to ``[low, high]`` (``low <= 0 <= high``,
+            either may be infinite; verl's GSPO: ``(-math.inf, 10.0)``, applied to the per-token sequence
+            log-ratio). Gradients as ``torch.clamp``'s (0 outside). None: no clamp (TRL).
+        kl_log_ratio_clamp, kl_clamp: verl's ``kl_penalty("k3" / "low_var_kl")``: ``ref - logp`` clamped to
+            ``+-kl_log_ratio_clamp`` (``20.0``) before ``exp``, the k3 value to ``+-kl_clamp`` (``10.0``). None: none
+            (TRL). Floats ``> 0``.
+        entropy_aggregation: how the entropy bonus is averaged: None (default) as ``aggregation`` with ``normaliser``
+            (verl's ``entropy_coeff``), or one of the aggregations over this call's tokens without ``normaliser``:
+            ``"token-mean"`` is TRL's ``entropy_coef`` bonus, a token mean whatever the ``loss_type`` (with gradient
+            accumulation over ``k`` micro-batches TRL divides it by ``k``: pass ``entropy_coef / k``).
         backend: for the fused log-prob op.
 
     Returns:
         ``(loss, metrics)``: a 0-dim float32 loss and a dict of detached 0-dim tensors: ``kl`` (masked mean k3, 0
         without ``ref_logprobs``), ``clip_frac_low`` (A < 0 and ratio < 1 - clip_low), ``clip_frac_high`` (A > 0 and
-        ratio > 1 + clip_high), ``dual_clip_frac``, ``ratio_mean``, ``entropy_mean``, ``logprob_mean``.
+        ratio > 1 + clip_high), ``dual_clip_frac``, ``ratio_mean``, ``entropy_mean``, ``logprob_mean``, and with
+        ``rollout_is_weights`` ``rollout_is_mean`` (masked mean weight).
         With gradients enabled and ``importance_level="token"``, the gradients of ``hidden`` / ``weight`` / ``bias``
         are formed during this call (3 GEMMs per token chunk, no recomputation) and ``loss.backward()`` only scales
         them by the upstream scalar; GSPO's sequence-level ratio needs every token first, so it recomputes (4 GEMMs).
@@ -861,8 +960,20 @@ def fused_linear_policy_loss(
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         if t is not None:
             _check_float(name, t, shape=(B, L), device=dev)
+    if rollout_is_weights is not None:
+        _check_float("rollout_is_weights", rollout_is_weights, device=dev)
+        if tuple(rollout_is_weights.shape) not in ((B,), (B, L)):
+            raise ValueError(f"rollout_is_weights: expected shape ({B},) or {(B, L)}, got "
+                             f"{tuple(rollout_is_weights.shape)}")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation: expected one of {AGGREGATIONS}, got {aggregation!r}")
+    if entropy_aggregation is not None and entropy_aggregation not in AGGREGATIONS:
+        raise ValueError(f"entropy_aggregation: expected None or one of {AGGREGATIONS}, got {entropy_aggregation!r}")
+    lr_low, lr_high = _log_ratio_bounds(log_ratio_clamp)
+    for name, v in (("kl_log_ratio_clamp", kl_log_ratio_clamp), ("kl_clamp", kl_clamp)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or not v > 0):
+            raise ValueError(f"{name}: expected a finite float > 0 (verl: 20.0 / 10.0) or None, got {v!r}")
     if importance_level not in IMPORTANCE_LEVELS:
         raise ValueError(f"importance_level: expected one of {IMPORTANCE_LEVELS}, got {importance_level!r}")
     for name, v in (("beta", beta), ("clip_low", clip_low), ("clip_high", clip_high), ("entropy_coef", entropy_coef)):
@@ -899,6 +1010,8 @@ def fused_linear_policy_loss(
             "advantages": (~torch.isfinite(advantages)).sum(),
             "old_logprobs": (~torch.isfinite(old_logprobs)).sum() if old_logprobs is not None else zero,
             "ref_logprobs": (~torch.isfinite(ref_logprobs)).sum() if ref_logprobs is not None else zero,
+            "rollout_is_weights": (~(torch.isfinite(rollout_is_weights) & (rollout_is_weights >= 0))).sum()
+            if rollout_is_weights is not None else zero,
             # NaN != 0 and 0.5 != 0: a loose mask would count such positions as whole tokens
             "mask": ((mask != 0) & (mask != 1)).sum() if mask.dtype != torch.bool else zero,
             "targets": bad_target.sum(),
@@ -909,6 +1022,9 @@ def fused_linear_policy_loss(
         for name in ("advantages", "old_logprobs", "ref_logprobs"):
             if counts[name]:
                 raise ValueError(f"{name}: {counts[name]} non-finite value(s)")
+        if counts["rollout_is_weights"]:
+            raise ValueError(f"rollout_is_weights: {counts['rollout_is_weights']} value(s) not finite or negative "
+                             "(importance weights are exp(log-ratio), truncated: finite and >= 0)")
         if counts["mask"]:
             first = tuple(int(i) for i in torch.nonzero((mask != 0) & (mask != 1))[0])
             raise ValueError(f"mask: {counts['mask']} value(s) neither 0 nor 1 (a weight is not a mask); first at "
@@ -932,8 +1048,15 @@ def fused_linear_policy_loss(
     old = torch.where(mask_b, old_logprobs.detach().float(), 0.0) if old_logprobs is not None else None
     ref = torch.where(mask_b, ref_logprobs.detach().float(), 0.0) if ref_logprobs is not None else None
     w_tok = _token_weights(mask_f, aggregation, normaliser, max_length)
-    ppo = _PPO(float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip), float(beta),
-               float(entropy_coef))  # fmt: skip
+    # the entropy bonus's own weights (TRL: a token mean whatever the loss type); None: the loss's
+    w_ent = None if entropy_aggregation is None else _token_weights(mask_f, entropy_aggregation, None, max_length)
+    is_w = None
+    if rollout_is_weights is not None:
+        is_w = rollout_is_weights.detach().float()
+        is_w = torch.where(mask_b, (is_w[:, None] if is_w.dim() == 1 else is_w).expand(B, L), 0.0)
+    opt = (lambda v: None if v is None else float(v))
+    ppo = _PPO(float(clip_low), float(clip_high), opt(dual_clip), float(beta), float(entropy_coef), lr_low, lr_high,
+               opt(kl_log_ratio_clamp), opt(kl_clamp))  # fmt: skip
     temp = temperature.reshape(-1) if isinstance(temperature, torch.Tensor) else temperature
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
@@ -944,8 +1067,9 @@ def fused_linear_policy_loss(
         flat = (lambda t: t.reshape(-1).contiguous() if t is not None else None)
         logp, entropy, dh, dw, db = _policy_grads_op(
             h2.detach(), w2.detach(), b2.detach() if b2 is not None else None, y2, t2, ignore, flat(adv), flat(old),
-            flat(ref), flat(w_tok.detach().float()), ppo.clip_low, ppo.clip_high, ppo.dual_clip, ppo.beta,
-            ppo.entropy_coef, hidden.requires_grad, weight.requires_grad, chosen,
+            flat(ref), flat(w_tok.detach().float()), flat(w_ent), flat(is_w), ppo.clip_low, ppo.clip_high,
+            ppo.dual_clip, ppo.beta, ppo.entropy_coef, ppo.lr_low, ppo.lr_high, ppo.kl_lr_clamp, ppo.kl_clamp,
+            hidden.requires_grad, weight.requires_grad, chosen,
         )  # fmt: skip
         logp, entropy = logp.view(B, L), entropy.view(B, L)
     else:
@@ -962,8 +1086,10 @@ def fused_linear_policy_loss(
     else:  # GSPO
         seq_log_ratio = ((logp - old_or_current) * mask_f).sum(-1) / mask_f.sum(-1).clamp_min(1)
         log_ratio = seq_log_ratio.detach()[:, None] + logp - logp.detach()
-    loss_tok, ratio, dual_active, kl = _ppo_token_loss(log_ratio, logp, entropy, adv, ref, ppo)
+    loss_tok, ratio, dual_active, kl = _ppo_token_loss(log_ratio, logp, adv, ref, ppo, is_w)
     loss = (loss_tok * w_tok).sum()
+    if entropy_coef != 0:
+        loss = loss - ppo.entropy_coef * (entropy * (w_tok if w_ent is None else w_ent)).sum()
     if needs_grad and importance_level == "token":
         dh = dh.view(hidden.shape) if dh.numel() else dh
         loss = _attach_grads_op(loss.detach(), hidden, weight, bias, dh, dw, db)
@@ -979,4 +1105,135 @@ def fused_linear_policy_loss(
             "entropy_mean": _masked_mean(entropy.detach(), mask_f),
             "logprob_mean": _masked_mean(logp.detach(), mask_f),
         }
+        if is_w is not None:
+            metrics["rollout_is_mean"] = _masked_mean(is_w, mask_f)
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollout vs trainer log-probs: importance weights and mismatch metrics
+# ----------------------------------------------------------------------------------------------------------------
+IS_LEVELS = ("token", "sequence")
+# verl's SAFETY_BOUND (rollout_corr_helper): log-ratios are clamped to +-20 before exp
+IS_LOG_RATIO_BOUND = 20.0
+
+
+def _check_logprob_pair(names, a, b, mask):
+    """Validate two ``[B, L]`` float log-prob tensors and a ``[B, L]`` 0/1 mask (names for the errors); return the
+    bool mask. Values at masked-in positions must be finite (one host sync, skipped under compile)."""
+    _check_float(names[0], a)
+    if a.dim() != 2:
+        raise ValueError(f"{names[0]}: expected [B, L], got shape {tuple(a.shape)}")
+    _check_float(names[1], b, shape=a.shape, device=a.device, ref=names[0])
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(a.shape):
+        raise ValueError(f"mask: expected shape {tuple(a.shape)}, got {tuple(mask.shape)}")
+    if mask.device != a.device:
+        raise ValueError(f"mask: on device {mask.device}, but {names[0]} is on {a.device}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"mask: expected a bool or 0/1 tensor, got dtype {mask.dtype}")
+    mask_b = mask if mask.dtype == torch.bool else mask != 0
+    if not torch.compiler.is_compiling():
+        zero = torch.zeros((), dtype=torch.int64, device=a.device)
+        counts = torch.stack([
+            (mask_b & ~torch.isfinite(a)).sum(), (mask_b & ~torch.isfinite(b)).sum(),
+            ((mask != 0) & (mask != 1)).sum() if mask.dtype != torch.bool else zero,
+        ]).tolist()  # fmt: skip
+        for name, n in zip(names, counts):
+            if n:
+                raise ValueError(f"{name}: {n} non-finite value(s) where mask is 1")
+        if counts[2]:
+            raise ValueError(f"mask: {counts[2]} value(s) neither 0 nor 1")
+    return mask_b
+
+
+def rollout_importance_weights(
+    old_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cap: float | None = 2.0,
+    level: str = "token",
+) -> torch.Tensor:
+    """Truncated importance weights ``pi_train / pi_rollout`` that correct a rollout engine whose log-probs differ from
+    the trainer's (the rollout's kernels, precision or a stale copy of the weights): pass them to
+    :func:`fused_linear_policy_loss` as ``rollout_is_weights``, with ``old_logprobs`` (the trainer's) as its
+    ``old_logprobs``.
+
+    ``level="token"``: ``w_t = min(exp(old_t - rollout_t), cap)``; ``level="sequence"``: one weight per sequence,
+    ``min(exp(sum_t m_t (old_t - rollout_t)), cap)``, on every token of it. The log-ratio is clamped to ``+-20``
+    before ``exp``. This is verl 0.9.1's ``compute_rollout_correction_weights(log_ratio=old - rollout,
+    rollout_is=level, rollout_is_threshold=cap)`` (TIS; ``algorithm.rollout_correction.rollout_is`` /
+    ``rollout_is_threshold``, default 2.0) exactly, and TRL 1.16's ``importance_sampling_ratio`` with
+    ``vllm_importance_sampling_mode="token_truncate"`` / ``"sequence_truncate"`` and
+    ``vllm_importance_sampling_clip_max=cap`` (``clip_min=None``; TRL clamps no log-ratio, which differs only
+    where it is below -20, by less than ``exp(-20) = 2e-9``; TRL's weight on padding is 1, ours and verl's 0: the
+    loss masks it either way).
+
+    Args:
+        old_logprobs: ``[B, L]`` float log-probs of the sampled tokens under the training forward (detached).
+        rollout_logprobs: ``[B, L]`` the rollout engine's log-probs of the same tokens (same temperature).
+        mask: ``[B, L]`` bool or 0/1: the tokens that count; values elsewhere are ignored (may be anything).
+        cap: truncation ``> 0`` (verl's ``rollout_is_threshold``, TRL's ``clip_max``); None: none.
+        level: ``"token"`` or ``"sequence"`` (verl's ``rollout_is``).
+
+    Returns:
+        ``[B, L]`` float32 weights, detached, 0 where ``mask`` is 0.
+
+    Example:
+        >>> import torch, r4b_fast
+        >>> old = torch.tensor([[-1.0, -2.0, -0.5]]); rollout = torch.tensor([[-1.5, -2.0, -3.0]])
+        >>> r4b_fast.rollout_importance_weights(old, rollout, torch.tensor([[1, 1, 0]]), cap=2.0)
+        tensor([[1.6487, 1.0000, 0.0000]])
+    """
+    mask_b = _check_logprob_pair(("old_logprobs", "rollout_logprobs"), old_logprobs, rollout_logprobs, mask)
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or math.isnan(cap)
+                            or not cap > 0):
+        raise ValueError(f"cap: expected a float > 0 (verl's rollout_is_threshold, default 2.0) or None, got {cap!r}")
+    if level not in IS_LEVELS:
+        raise ValueError(f"level: expected one of {IS_LEVELS}, got {level!r}")
+    with torch.no_grad():
+        d = torch.where(mask_b, old_logprobs.float() - rollout_logprobs.float(), 0.0)
+        if level == "sequence":
+            d = d.sum(-1, keepdim=True)
+        w = torch.exp(d.clamp(-IS_LOG_RATIO_BOUND, IS_LOG_RATIO_BOUND))
+        if cap is not None:
+            w = w.clamp(max=float(cap))
+        return torch.where(mask_b, w.expand(mask_b.shape), 0.0)
+
+
+def logprob_mismatch(
+    train_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """How far the rollout engine's log-probs are from the training forward's on the same tokens.
+
+    Returns 0-dim float32 tensors (0 when no token counts): ``mismatch/abs_mean`` and ``mismatch/abs_max`` of
+    ``|train - rollout|`` over the masked tokens (TRL's ``sampling/sampling_logp_difference/mean`` / ``max``) and
+    ``mismatch/k3``, the masked mean of ``exp(d) - d - 1`` with ``d = train - rollout`` (verl's
+    ``rollout_corr/k3_kl``, an estimate of KL(pi_rollout || pi_train)); computed in float64 with ``expm1``, so that a
+    mismatch of 1e-6 gives k3 ~ 5e-13 rather than float32 rounding noise.
+
+    Args:
+        train_logprobs: ``[B, L]`` float log-probs of the sampled tokens under the training forward.
+        rollout_logprobs: ``[B, L]`` the rollout's log-probs of the same tokens, at the same temperature.
+        mask: ``[B, L]`` bool or 0/1: the tokens to compare (sampled ones; values elsewhere are ignored).
+
+    Example:
+        >>> import torch, r4b_fast
+        >>> m = r4b_fast.logprob_mismatch(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -2.0]]),
+        ...                               torch.ones(1, 2, dtype=torch.bool))
+        >>> float(m["mismatch/abs_mean"]), float(m["mismatch/abs_max"])
+        (0.25, 0.5)
+    """
+    mask_b = _check_logprob_pair(("train_logprobs", "rollout_logprobs"), train_logprobs, rollout_logprobs, mask)
+    with torch.no_grad():
+        d = torch.where(mask_b, train_logprobs.double() - rollout_logprobs.double(), 0.0)
+        n = mask_b.sum().clamp_min(1)
+        a = d.abs()
+        out = {
+            "mismatch/abs_mean": a.sum() / n,
+            "mismatch/abs_max": a.amax() if d.numel() else a.sum(),
+            "mismatch/k3": (torch.expm1(d) - d).sum() / n,  # 0 on masked-out positions (d = 0)
+        }
+        return {k: v.float() for k, v in out.items()}
