@@ -1,0 +1,433 @@
+"""BPO inside TRL's ``GRPOTrainer``: forced thinking / non-thinking halves, mixed-group advantages, fused LM-head loss.
+
+R-4B's BPO is GRPO in which every prompt's ``2g`` rollouts are split into ``g`` forced into thinking mode and ``g``
+forced into non-thinking mode, with advantages normalised over the mixed group of ``2g``. :class:`BPOTrainer` is a
+``trl.GRPOTrainer`` subclass that overrides four of its hooks (no TRL code is copied):
+
+- ``_generate_and_score_completions``: marks each rollout with its mode before TRL generates and scores, then
+  replaces TRL's advantages by ``r4b_fast.group_advantages(..., estimator="bpo", modes=...)`` over the same rewards
+  and logs per-mode reward, completion length and think rate into ``self._metrics[mode]["bpo/..."]``;
+- ``_tokenize_prompts``: appends the mode prefix to each tokenized prompt, after the chat template's generation
+  prompt. TRL's own generation (transformers ``generate`` or vLLM, both take the prompt ids) then continues a forced
+  mode, and the training forward sees the prefix as prompt (not trained), as in R-4B where the mode is chosen by what
+  follows the assistant turn;
+- ``_calculate_rewards``: keeps TRL's gathered per-function rewards for the advantage above;
+- ``_compute_loss``: ``r4b_fast.fused_linear_policy_loss`` on the backbone's last hidden states and the LM-head
+  weight, run inside the model's forward (so DDP / FSDP / DeepSpeed wrappers see one forward), without the
+  ``[T, V]`` logits; TRL's ``loss_type``, ``epsilon`` / ``epsilon_high``, ``beta``, ``temperature`` and
+  ``importance_sampling_level`` map to its arguments.
+
+Which rollout gets which mode: TRL's sampler repeats each prompt ``num_generations`` times in a row (over all
+processes in process order), so the rollout at global position ``i`` is number ``i % num_generations`` of its group;
+numbers ``0 .. g-1`` think, ``g .. 2g-1`` do not.
+
+The prefixes: thinking ``"<think>\\n"`` (R-4B's; nothing in chat templates produces it); non-thinking is what the
+chat template itself appends to the generation prompt with ``enable_thinking=False`` (Qwen3's template writes
+``"<think>\\n\\n</think>\\n\\n"``), falling back to R-4B's ``"<think>\\n\\n</think>\\n\\n"`` where the template has
+no such switch. Both are tokenized in context (the rendered generation prompt with and without the prefix), never
+hard-coded ids. Reward functions receive two extra columns: ``bpo_mode`` (``"think"``, ``"no_think"``, or ``"auto"``
+without the split) and ``bpo_prefix`` (the prefix text, which TRL's ``completions`` do not contain: it is part of the
+prompt); :func:`trl_reward` turns a ``(response, answer) -> float`` function such as
+``r4b_fast.training.rewards.accuracy_reward`` into a TRL reward function that sees ``bpo_prefix + completion``.
+
+Example:
+    >>> from r4b_fast.integrations.trl import BPOConfig, BPOTrainer, trl_reward  # doctest: +SKIP
+    >>> from r4b_fast.training.rewards import accuracy_reward  # doctest: +SKIP
+    >>> args = BPOConfig(output_dir="out", num_generations=8, loss_type="grpo", beta=0.0)  # g = 4 per mode
+    >>> trainer = BPOTrainer(model=model, reward_funcs=trl_reward(accuracy_reward), args=args,
+    ...                      train_dataset=dataset, processing_class=tokenizer)  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+
+Needs ``trl`` (``pip install "r4b_fast[trl]"``); importing ``r4b_fast`` never imports this module.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from r4b_fast.modes import Mode
+from r4b_fast.ops.fused_linear_logprobs import fused_linear_policy_loss
+from r4b_fast.ops.group_advantages import group_advantages
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+DEFAULT_THINK_PREFIX = f"{THINK_OPEN}\n"
+DEFAULT_NO_THINK_PREFIX = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
+MODE_NAMES = {Mode.THINK: "think", Mode.NO_THINK: "no_think", Mode.AUTO: "auto"}
+
+# TRL loss_type -> our aggregation (the normaliser that makes it TRL's is chosen per micro-batch in _compute_loss)
+LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
+              "dapo": "token-mean"}  # fmt: skip
+# model inputs TRL puts into the batch for vision-language models (passed to the forward whole: no chunking here)
+_FORWARD_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                 "token_type_ids", "mm_token_type_ids", "image_position_ids")  # fmt: skip
+_THINK_BLOCK = re.compile(re.escape(THINK_OPEN) + r"(.*?)(?:" + re.escape(THINK_CLOSE) + r"|$)", re.S)
+
+
+def _supports_rollout_is_weights() -> bool:
+    return "rollout_is_weights" in inspect.signature(fused_linear_policy_loss).parameters
+
+
+@dataclass
+class BPOConfig(GRPOConfig):
+    """``trl.GRPOConfig`` plus BPO's settings. ``num_generations`` is ``2g``: ``g`` thinking + ``g`` non-thinking.
+
+    Args (besides every ``GRPOConfig`` field):
+        mode_split: True (BPO): half of each group forced into each mode, ``estimator="bpo"``. False: plain GRPO
+            (no prefix, ``estimator="grpo"``, mode auto) with this class's fused loss: TRL's GRPO numbers.
+        think_prefix: text forced after the generation prompt in thinking mode (default ``"<think>\\n"``).
+        no_think_prefix: text forced in non-thinking mode (default: from the chat template's ``enable_thinking=False``,
+            else ``"<think>\\n\\n</think>\\n\\n"``).
+
+    TRL options the fused loss does not implement are refused here with the field's name: ``loss_type`` other than
+    grpo / bnpo / dr_grpo / dapo, ``delta``, ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
+    ``entropy_coef`` / ``use_adaptive_entropy``, ``use_bias_correction_kl`` with ``beta != 0`` (default False here,
+    True in TRL), ``multi_objective_aggregation`` other
+    than ``"sum_then_normalize"``, and an odd ``num_generations`` (or ``num_generations_eval``) with the split.
+
+    Example:
+        >>> BPOConfig(output_dir="out", num_generations=4, loss_type="grpo").mode_split  # doctest: +SKIP
+        True
+    """
+
+    mode_split: bool = field(default=True, metadata={"help": "BPO: g thinking + g non-thinking rollouts per prompt."})
+    think_prefix: str | None = field(default=None, metadata={"help": "Forced thinking prefix (default '<think>\\n')."})
+    no_think_prefix: str | None = field(default=None, metadata={"help": "Forced non-thinking prefix."})
+    # TRL defaults to True (the KL term times the ratio); BPO's objective is the plain k3 KL, which the loss computes
+    use_bias_correction_kl: bool = field(default=False, metadata={"help": "Not supported with beta != 0."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"BPOConfig.loss_type: expected one of {sorted(LOSS_TYPES)}, got {self.loss_type!r}")
+        refused = {
+            "delta": self.delta is not None,
+            "top_entropy_quantile": self.top_entropy_quantile < 1.0,
+            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
+            "entropy_coef": self.entropy_coef != 0.0 or self.use_adaptive_entropy,
+            "use_bias_correction_kl": self.use_bias_correction_kl and self.beta != 0.0,
+            "multi_objective_aggregation": self.multi_objective_aggregation != "sum_then_normalize",
+        }
+        for name, bad in refused.items():
+            if bad:
+                raise ValueError(f"BPOConfig.{name}: {getattr(self, name)!r} is not supported by the fused BPO loss "
+                                 "(leave it at its default)")  # fmt: skip
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(f"BPOConfig.importance_sampling_level: expected 'token' or 'sequence', "
+                             f"got {self.importance_sampling_level!r}")  # fmt: skip
+        if self.mode_split:
+            for name in ("num_generations", "num_generations_eval"):
+                n = getattr(self, name)
+                if n is not None and n % 2:
+                    raise ValueError(f"BPOConfig.{name}: BPO splits each group into two equal halves (g thinking + "
+                                     f"g non-thinking), so it must be even, got {n}")  # fmt: skip
+        for name in ("think_prefix", "no_think_prefix"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"BPOConfig.{name}: expected a non-empty string or None, got {value!r}")
+
+
+def trl_reward(fn: Callable[[str, str], float], answer_column: str = "answer") -> Callable[..., list[float]]:
+    """A TRL reward function from a ``(response, answer) -> float`` one, the response being the forced mode prefix
+    plus TRL's completion (so ``accuracy_reward`` finds the answer after ``</think>`` in both modes).
+
+    Conversational completions (``[{"role": "assistant", "content": ...}]``) use their content.
+
+    Example:
+        >>> from r4b_fast.training.rewards import accuracy_reward
+        >>> reward = trl_reward(accuracy_reward)
+        >>> reward(completions=["x\\n</think>\\n\\n7", "7"], answer=["7", "8"], bpo_prefix=["<think>\\n", ""])
+        [1.0, 0.0]
+    """
+    if not callable(fn):
+        raise TypeError(f"fn: expected a callable (response, answer) -> float, got {type(fn).__name__}")
+
+    def reward(completions, bpo_prefix=None, **kwargs):
+        if answer_column not in kwargs:
+            raise ValueError(f"answer_column: the dataset has no {answer_column!r} column (columns passed to reward "
+                             f"functions: {sorted(kwargs)})")  # fmt: skip
+        answers = kwargs[answer_column]
+        prefixes = bpo_prefix if bpo_prefix is not None else [""] * len(completions)
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [float(fn(p + t, str(a))) for p, t, a in zip(prefixes, texts, answers)]
+
+    reward.__name__ = getattr(fn, "__name__", "reward")
+    return reward
+
+
+def thinks(response: str) -> bool:
+    """The response holds a think block with something in it (closed or not): the thinking half's prefix opens one,
+    the non-thinking half's is empty, so only a block it writes itself counts there.
+
+    Example:
+        >>> thinks("<think>\\n3*5=15\\n</think>\\n\\n15"), thinks("<think>\\n\\n</think>\\n\\n15")
+        (True, False)
+    """
+    return any(m.group(1).strip() for m in _THINK_BLOCK.finditer(response))
+
+
+def _install_loss_forward(model) -> None:
+    """Let ``model(..., r4b_policy_loss=spec)`` return ``fused_linear_policy_loss``'s ``(loss, metrics)`` computed from
+    the backbone's last hidden states: the loss runs inside the (possibly wrapped) model's forward, like TRL's fused
+    LM head, so data-parallel wrappers see every parameter used in one forward. Other calls go to the previous
+    forward unchanged (generation, TRL's ``fused_lm_head=True`` scoring)."""
+    previous = model.forward
+
+    def forward(self, *args, r4b_policy_loss=None, **kwargs):
+        if r4b_policy_loss is None:
+            return previous(*args, **kwargs)
+        spec = dict(r4b_policy_loss)
+        keep = spec.pop("logits_to_keep")
+        cast_fp32 = spec.pop("cast_lm_head_to_fp32")
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, -keep - 1 : -1]  # states before each target
+        head = self.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if hasattr(weight, "full_tensor"):  # FSDP2 shards the head as a DTensor; the op takes a plain tensor
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+        hidden = hidden.to(weight.device)
+        if cast_fp32:
+            with torch.autocast(hidden.device.type, enabled=False):
+                return fused_linear_policy_loss(hidden.float(), weight.float(),
+                                                bias=None if bias is None else bias.float(), **spec)  # fmt: skip
+        return fused_linear_policy_loss(hidden, weight, bias=bias, **spec)
+
+    model.forward = types.MethodType(forward, model)
+
+
+class BPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` running BPO (see the module docstring); every ``GRPOTrainer`` argument works the same, with
+    a :class:`BPOConfig` as ``args``.
+
+    Logged per mode (``think`` / ``no_think``) besides TRL's own metrics: ``bpo/{mode}/reward`` (mean over the
+    rollouts with a reward), ``bpo/{mode}/completion_length`` (generated tokens, the forced prefix excluded),
+    ``bpo/{mode}/think_rate`` (share of rollouts whose response, prefix included, holds a non-empty think block:
+    the thinking half's share that wrote something, the non-thinking half's share that reopened a block).
+
+    Not supported (clear errors): ``tools``, ``environment_factory``, ``rollout_func`` with the split (they bypass or
+    re-tokenize the prompt the prefix goes into); MoE router auxiliary loss; logit soft-capping or logit scaling heads;
+    vLLM's importance-sampling correction until ``fused_linear_policy_loss`` takes ``rollout_is_weights``.
+
+    Example:
+        >>> trainer = BPOTrainer(model=model, reward_funcs=reward, args=BPOConfig(output_dir="out", num_generations=4),
+        ...                      train_dataset=dataset, processing_class=tokenizer)  # doctest: +SKIP
+        >>> trainer.train()  # doctest: +SKIP
+    """
+
+    _tag_names = ["trl", "grpo", "bpo", "r4b_fast"]
+
+    def __init__(self, model, reward_funcs=None, args: BPOConfig | None = None, *pos, **kwargs):
+        if pos:
+            raise TypeError("BPOTrainer: pass every argument after args by keyword (train_dataset=..., ...)")
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = BPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-BPO")
+        if not isinstance(args, BPOConfig):
+            raise TypeError(f"args: expected a BPOConfig (BPO's settings on top of GRPOConfig), got "
+                            f"{type(args).__name__}")  # fmt: skip
+        if args.mode_split:
+            for name in ("tools", "environment_factory", "rollout_func"):
+                if kwargs.get(name):
+                    raise ValueError(f"{name}: not supported with BPOConfig.mode_split=True (the mode prefix is "
+                                     "appended to TRL's tokenized prompt, which these bypass or re-tokenize)")
+        if args.use_vllm and args.vllm_importance_sampling_correction and not _supports_rollout_is_weights():
+            raise ValueError("BPOConfig.vllm_importance_sampling_correction: this r4b_fast's fused_linear_policy_loss "
+                             "takes no rollout_is_weights yet; set it to False")  # fmt: skip
+        self._bpo_local_modes: list[Mode] | None = None
+        self._bpo_rewards_per_func: torch.Tensor | None = None
+        super().__init__(model, reward_funcs, args, **kwargs)
+        if self.aux_loss_enabled:
+            raise ValueError("BPOConfig.router_aux_loss_coef: the MoE load-balancing loss is not supported by the "
+                             "fused BPO loss; set it to 0.0")  # fmt: skip
+        text_config = self.model.config.get_text_config()
+        for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling"):  # fmt: skip
+            value = getattr(text_config, attr, None)
+            if value is not None and value != 1.0:
+                raise ValueError(f"model: config.{attr}={value} changes the logits after the LM head, which the "
+                                 "fused BPO loss does not apply")  # fmt: skip
+        self.bpo_prefix_text, self.bpo_prefix_ids = self._mode_prefixes()
+        _install_loss_forward(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
+
+    # ------------------------------------------------------------------ prefixes
+    def _render_generation_prompt(self, **template_kwargs) -> str | None:
+        """The chat template's rendering of a one-message conversation up to the generation prompt (None: no
+        template), with TRL's chat_template_kwargs and ``template_kwargs`` on top."""
+        if getattr(self.processing_class, "chat_template", None) is None and self._tokenizer.chat_template is None:
+            return None
+        content = [{"type": "text", "text": "x"}] if self._is_vlm else "x"
+        kwargs = {**self.chat_template_kwargs, **template_kwargs}
+        return self.processing_class.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                         add_generation_prompt=True, **kwargs)  # fmt: skip
+
+    def _mode_prefixes(self) -> tuple[dict[Mode, str], dict[Mode, list[int]]]:
+        base = self._render_generation_prompt()
+        if base is not None and (THINK_CLOSE in base.rsplit("x", 1)[-1] or base.rstrip().endswith(THINK_OPEN)):
+            raise ValueError("chat_template_kwargs / chat template: the generation prompt already fixes a mode "
+                             f"(it ends {base[-40:]!r}); BPO appends each mode's prefix itself, so leave the mode open "
+                             "(e.g. no enable_thinking=False)")  # fmt: skip
+        no_think = self.args.no_think_prefix
+        if no_think is None and base is not None:
+            try:
+                off = self._render_generation_prompt(enable_thinking=False)
+            except Exception:  # a template that rejects the flag has no switch: fall back to R-4B's block
+                off = base
+            tail = off[len(base) :] if off.startswith(base) else ""
+            no_think = tail if THINK_CLOSE in tail else None
+        texts = {Mode.THINK: self.args.think_prefix or DEFAULT_THINK_PREFIX,
+                 Mode.NO_THINK: no_think or DEFAULT_NO_THINK_PREFIX}  # fmt: skip
+        ids = {}
+        for mode, text in texts.items():
+            ids[mode] = self._prefix_ids(base if base is not None else "", text)
+        return texts, ids
+
+    def _prefix_ids(self, context: str, text: str) -> list[int]:
+        """``text``'s ids right after ``context`` (the rendered generation prompt): tokenized in context, so BPE
+        merges at the boundary are those the model sees."""
+        tok = self._tokenizer
+        before = tok(context, add_special_tokens=False)["input_ids"]
+        after = tok(context + text, add_special_tokens=False)["input_ids"]
+        if after[: len(before)] != before or len(after) == len(before):
+            raise ValueError(f"prefix {text!r}: its tokens merge with the end of the generation prompt "
+                             f"({context[-20:]!r}), so it cannot be appended to the tokenized prompt")  # fmt: skip
+        return after[len(before) :]
+
+    # ------------------------------------------------------------------ hooks
+    def _group_modes(self, num: int, offset: int, n_gen: int) -> list[Mode]:
+        """The modes of ``num`` rollouts starting at global position ``offset`` (groups of ``n_gen`` in a row)."""
+        if not self.args.mode_split:
+            return [Mode.AUTO] * num
+        return [Mode.THINK if (offset + i) % n_gen < n_gen // 2 else Mode.NO_THINK for i in range(num)]
+
+    def _tokenize_prompts(self, prompts: list):
+        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        modes = self._bpo_local_modes
+        if modes is None or len(modes) != len(prompt_ids):
+            raise RuntimeError("BPOTrainer: prompts tokenized outside _generate_and_score_completions")
+        if not self.args.mode_split:
+            return prompt_ids, images, multimodal_fields
+        prompt_ids = [list(ids) + self.bpo_prefix_ids[m] for ids, m in zip(prompt_ids, modes)]
+        for key in ("token_type_ids", "mm_token_type_ids"):  # per-token fields: the prefix holds no image token
+            if key in multimodal_fields:
+                raise NotImplementedError(f"BPOTrainer: processors that return per-token {key} are not supported "
+                                          "with the mode split yet")  # fmt: skip
+        return prompt_ids, images, multimodal_fields
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._bpo_rewards_per_func = rewards_per_func  # gathered over processes: [N_global, F]
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        mode = "train" if self.model.training else "eval"
+        n_gen = self.num_generations if mode == "train" else self.num_generations_eval
+        offset = self.accelerator.process_index * len(inputs)
+        modes = self._group_modes(len(inputs), offset, n_gen)
+        inputs = [{**x, "bpo_mode": MODE_NAMES[m], "bpo_prefix": self.bpo_prefix_text.get(m, "")}
+                  for x, m in zip(inputs, modes)]  # fmt: skip
+        self._bpo_local_modes = modes
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._bpo_local_modes = None
+        rpf, self._bpo_rewards_per_func = self._bpo_rewards_per_func, None
+        n_all = rpf.size(0)
+        device = rpf.device
+        all_modes = torch.tensor([int(m) for m in self._group_modes(n_all, 0, n_gen)], device=device)
+        # TRL's reward: weighted sum over functions, NaN where every function returned None (excluded, advantage 0)
+        rewards = (rpf * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rpf).all(dim=1)] = torch.nan
+        adv = group_advantages(rewards, group_size=n_gen, modes=all_modes if self.args.mode_split else None,
+                               estimator="bpo" if self.args.mode_split else "grpo", scale=self.scale_rewards,
+                               unbiased=True, eps=1e-4, nonfinite="zero")  # TRL: Bessel std, + 1e-4  # fmt: skip
+        local = slice(offset, offset + len(inputs))
+        output["advantages"] = adv.advantages[local].to(output["advantages"].dtype)
+        logged = self._logs["advantages"]  # the completions table shows the advantages that are trained on
+        for _ in range(min(n_all, len(logged))):
+            logged.pop()
+        logged.extend(adv.advantages.tolist())
+        self._log_mode_metrics(mode, output, modes, rewards, all_modes)
+        return output
+
+    def _log_mode_metrics(self, mode: str, output: dict, local_modes: list[Mode], rewards, all_modes) -> None:
+        """Per-mode reward, completion length and think rate over every process's rollouts."""
+        device = rewards.device
+        ids, mask = output["completion_ids"], output["completion_mask"].bool()
+        drop = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        think = []
+        for row, keep, m in zip(ids.tolist(), mask.tolist(), local_modes):
+            kept = [t for t, k in zip(row, keep) if k and t not in drop]
+            text = self._tokenizer.decode(self.bpo_prefix_ids.get(m, []) + kept, skip_special_tokens=False)
+            think.append(thinks(text))
+        lengths = self.accelerator.gather(mask.sum(1).float())
+        think = self.accelerator.gather(torch.tensor(think, dtype=torch.float32, device=device))
+        for m in (Mode.THINK, Mode.NO_THINK) if self.args.mode_split else (Mode.AUTO,):
+            sel = all_modes == int(m)
+            if not sel.any():
+                continue
+            name = MODE_NAMES[m]
+            scored = rewards[sel]
+            scored = scored[~torch.isnan(scored)]
+            self._metrics[mode][f"bpo/{name}/reward"].append(scored.mean().item() if scored.numel() else float("nan"))
+            self._metrics[mode][f"bpo/{name}/completion_length"].append(lengths[sel].mean().item())
+            self._metrics[mode][f"bpo/{name}/think_rate"].append(think[sel].mean().item())
+
+    def _policy_loss_spec(self, inputs, mask) -> dict:
+        """``fused_linear_policy_loss``'s arguments for TRL's settings and this micro-batch."""
+        mode = "train" if self.model.training else "eval"
+        accum = self.current_gradient_accumulation_steps if mode == "train" else 1  # no accumulation in eval
+        rows = inputs["completion_ids"].size(0)
+        max_length = None
+        if self.loss_type in ("grpo", "dr_grpo"):  # TRL: mean over the micro-batch's rows, / accumulation steps
+            normaliser = float(rows * accum)
+            max_length = self.max_completion_length if self.loss_type == "dr_grpo" else None
+        elif self.loss_type == "bnpo":  # tokens of this micro-batch, / accumulation steps
+            normaliser = mask.sum().clamp(min=1).float() * accum
+        else:  # dapo: the generation batch's tokens (all processes), rescaled to one accumulation window
+            normaliser = inputs["num_items_in_batch"].clamp(min=1.0).float() / self.accelerator.num_processes
+            if mode == "train":
+                normaliser = normaliser * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        spec = dict(
+            targets=inputs["completion_ids"], advantages=inputs["advantages"], mask=mask,
+            old_logprobs=inputs.get("old_per_token_logps"),
+            ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+            beta=float(self.beta), clip_low=float(self.epsilon_low), clip_high=float(self.epsilon_high),
+            temperature=float(self.temperature), aggregation=LOSS_TYPES[self.loss_type], normaliser=normaliser,
+            max_length=max_length, importance_level=self.importance_sampling_level,
+            logits_to_keep=inputs["completion_ids"].size(1), cast_lm_head_to_fp32=bool(self.args.cast_lm_head_to_fp32),
+        )  # fmt: skip
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            spec["rollout_is_weights"] = inputs["importance_sampling_ratio"]
+        return spec
+
+    def _compute_loss(self, model, inputs):
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        extra = {k: inputs[k] for k in _FORWARD_KEYS if inputs.get(k) is not None}
+        spec = self._policy_loss_spec(inputs, mask)
+        with self.accelerator.autocast():
+            loss, metrics = model(input_ids=input_ids, attention_mask=attention_mask, r4b_policy_loss=spec, **extra)
+        mode = "train" if self.model.training else "eval"
+
+        def mean(t):  # a mean over processes of each process's masked mean
+            return self.accelerator.gather(t.detach().float().reshape(1)).mean().item()
+
+        if self.beta != 0.0:
+            self._metrics[mode]["kl"].append(mean(metrics["kl"]))
+        self._metrics[mode]["entropy"].append(mean(metrics["entropy_mean"]))
+        low, high = mean(metrics["clip_frac_low"]), mean(metrics["clip_frac_high"])
+        self._metrics[mode]["clip_ratio/low_mean"].append(low)
+        self._metrics[mode]["clip_ratio/high_mean"].append(high)
+        self._metrics[mode]["clip_ratio/region_mean"].append(low + high)  # disjoint: A < 0 vs A > 0
+        return loss

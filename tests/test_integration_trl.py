@@ -1,0 +1,276 @@
+"""BPO inside TRL's GRPOTrainer (r4b_fast.integrations.trl): a tiny Qwen3 model built from its config class, a
+tokenizer built locally (think tags as ordinary added tokens, as in Qwen's tokenizers, and a Qwen3-style chat
+template with the enable_thinking switch), an in-memory dataset and a rule-based reward; everything on CPU."""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason="the TRL integration needs trl (pip install 'r4b_fast[trl]')")
+datasets = pytest.importorskip("datasets", reason="TRL's trainer needs datasets")
+
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from trl import GRPOTrainer  # noqa: E402
+
+from r4b_fast.integrations.trl import BPOConfig, BPOTrainer, thinks, trl_reward  # noqa: E402
+from r4b_fast.modes import Mode  # noqa: E402
+from r4b_fast.training.rewards import accuracy_reward  # noqa: E402
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = sorted(set("0123456789+*=, \n?abcdefghijklmnopqrstuvwxyz:"))
+    vocab = {t: i for i, t in enumerate(["<|pad|>", "<unk>", *chars, "\n\n"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n\n|[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<|pad|>",
+                                  eos_token="<|im_end|>")  # fmt: skip
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tok.add_tokens(["<think>", "</think>"])  # not special: decoded completions keep them (Qwen3's tokenizer does)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_model(tok, seed=0) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                         tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)  # fmt: skip
+    return Qwen3ForCausalLM(config).float()
+
+
+def dataset():
+    items = [(2, 3), (4, 1), (3, 3), (5, 2)]
+    return datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": f"what is {a}+{b}?"}] for a, b in items],
+                                       "answer": [str(a + b) for a, b in items]})  # fmt: skip
+
+
+class Recorder:
+    """A rule-based reward (accuracy of prefix + completion) that records what TRL passed to it."""
+
+    __name__ = "recorded_accuracy"
+
+    def __init__(self):
+        self.calls = []
+        self.inner = trl_reward(accuracy_reward)
+
+    def __call__(self, prompts, completions, completion_ids, **kwargs):
+        out = self.inner(completions=completions, **kwargs)
+        # a known, varied reward: accuracy + a length bonus, so every group has signal
+        out = [r + 0.1 * (len(ids) % 3) for r, ids in zip(out, completion_ids)]
+        self.calls.append({"completions": completions, "completion_ids": completion_ids, "rewards": out, **kwargs})
+        return out
+
+
+def make_trainer(tmp_path, reward=None, model=None, trainer_kwargs=None, **config):
+    tok = build_tokenizer()
+    settings = dict(output_dir=str(tmp_path / "out"), num_generations=4, per_device_train_batch_size=8,
+                    max_completion_length=6, learning_rate=1e-2, max_steps=2, logging_steps=1, report_to="none",
+                    use_cpu=True, seed=0, save_strategy="no", loss_type="grpo", beta=0.0, temperature=1.0,
+                    disable_dropout=True, gradient_checkpointing=False, bf16=False)  # fmt: skip
+    settings.update(config)
+    args = BPOConfig(**settings)
+    return BPOTrainer(model=model if model is not None else tiny_model(tok), reward_funcs=reward or Recorder(),
+                      args=args, train_dataset=dataset(), processing_class=tok, **(trainer_kwargs or {}))  # fmt: skip
+
+
+def batch_inputs(n_gen=4, rows=(0, 1)):
+    data = dataset()
+    return [dict(data[i]) for i in rows for _ in range(n_gen)]
+
+
+def test_prefixes_from_the_template(tmp_path):
+    trainer = make_trainer(tmp_path)
+    tok = trainer.processing_class
+    assert trainer.bpo_prefix_text == {Mode.THINK: "<think>\n", Mode.NO_THINK: "<think>\n\n</think>\n\n"}
+    assert trainer.bpo_prefix_ids[Mode.THINK] == tok.convert_tokens_to_ids(["<think>", "\n"])
+    assert trainer.bpo_prefix_ids[Mode.NO_THINK] == tok.convert_tokens_to_ids(["<think>", "\n\n", "</think>", "\n\n"])
+    # a template whose enable_thinking=False block differs: the non-thinking prefix is the template's, not ours
+    tok2 = build_tokenizer()
+    tok2.chat_template = CHAT_TEMPLATE.replace("<think>\n\n</think>\n\n{% endif", "<think>\n</think>\n\n{% endif")
+    args = BPOConfig(output_dir=str(tmp_path / "o2"), num_generations=4, per_device_train_batch_size=4,
+                     report_to="none", use_cpu=True, loss_type="grpo")  # fmt: skip
+    t2 = BPOTrainer(model=tiny_model(tok2), reward_funcs=Recorder(), args=args, train_dataset=dataset(),
+                    processing_class=tok2)  # fmt: skip
+    assert t2.bpo_prefix_text[Mode.NO_THINK] == "<think>\n</think>\n\n"
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (dict(num_generations=3, per_device_train_batch_size=6), "num_generations"),
+        (dict(loss_type="cispo"), "loss_type"),
+        (dict(delta=2.0), "delta"),
+        (dict(entropy_coef=0.01), "entropy_coef"),
+        (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
+        (dict(think_prefix=""), "think_prefix"),
+    ],
+)
+def test_config_refuses_what_the_loss_does_not_do(tmp_path, config, match):
+    settings = dict(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=4, report_to="none",
+                    use_cpu=True, loss_type="grpo")  # fmt: skip
+    settings.update(config)
+    with pytest.raises(ValueError, match=match):
+        BPOConfig(**settings)
+
+
+def test_trainer_refuses_bad_args(tmp_path):
+    tok = build_tokenizer()
+    from trl import GRPOConfig
+
+    with pytest.raises(TypeError, match="args"):
+        BPOTrainer(model=tiny_model(tok), reward_funcs=Recorder(), processing_class=tok, train_dataset=dataset(),
+                   args=GRPOConfig(output_dir=str(tmp_path), num_generations=4, report_to="none", use_cpu=True))
+    with pytest.raises(ValueError, match="tools"):
+        make_trainer(tmp_path, trainer_kwargs=dict(tools=[lambda x: x]))
+    tok.chat_template = CHAT_TEMPLATE.replace("assistant\n", "assistant\n<think>\n")  # a thinking-only template
+    args = BPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=4, report_to="none",
+                     use_cpu=True, loss_type="grpo")  # fmt: skip
+    with pytest.raises(ValueError, match="already fixes a mode"):
+        BPOTrainer(model=tiny_model(tok), reward_funcs=Recorder(), args=args, train_dataset=dataset(),
+                   processing_class=tok)  # fmt: skip
+
+
+def test_split_advantages_and_metrics_on_a_known_batch(tmp_path):
+    reward = Recorder()
+    trainer = make_trainer(tmp_path, reward=reward)
+    tok = trainer.processing_class
+    trainer.model.train()
+    out = trainer._generate_and_score_completions(batch_inputs())
+    (call,) = reward.calls
+    g = 2
+    modes = call["bpo_mode"]
+    assert modes == ["think"] * g + ["no_think"] * g + ["think"] * g + ["no_think"] * g
+    # every rollout's prompt is the plain generation prompt + its mode's prefix
+    text = tok.apply_chat_template(dataset()[0]["prompt"], add_generation_prompt=True, tokenize=False)
+    plain = tok(text, add_special_tokens=False)["input_ids"]
+    pref = trainer.bpo_prefix_ids
+    for r in range(4):
+        ids = out["prompt_ids"][r][out["prompt_mask"][r].bool()].tolist()
+        want = pref[Mode.THINK] if modes[r] == "think" else pref[Mode.NO_THINK]
+        assert ids == plain + want
+    starts = [out["prompt_ids"][r][-len(pref[Mode.NO_THINK]) :].tolist() == pref[Mode.NO_THINK] for r in range(8)]
+    assert starts == [False, False, True, True] * 2  # exactly g of each mode per prompt
+    # advantages: (r - mean) / (std + 1e-4) over each mixed group of 2g (Bessel std), as TRL normalises
+    rewards = torch.tensor(call["rewards"]).view(2, 4)
+    want = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)
+    want = torch.where(rewards.std(1, keepdim=True) > 0, want, torch.zeros_like(want))
+    torch.testing.assert_close(out["advantages"], want.flatten(), atol=1e-5, rtol=1e-5)
+    # per-mode metrics, recomputed from what the reward function saw
+    metrics = trainer._metrics["train"]
+    flat = torch.tensor(call["rewards"])
+    lengths = torch.tensor([float(len(ids)) for ids in call["completion_ids"]])
+    for name in ("think", "no_think"):
+        sel = torch.tensor([m == name for m in modes])
+        assert metrics[f"bpo/{name}/reward"] == [pytest.approx(flat[sel].mean().item())]
+        assert metrics[f"bpo/{name}/completion_length"] == [pytest.approx(lengths[sel].mean().item())]
+        texts = [p + tok.decode([t for t in ids if t != tok.eos_token_id])
+                 for p, ids, s in zip(call["bpo_prefix"], call["completion_ids"], sel) if s]  # fmt: skip
+        assert metrics[f"bpo/{name}/think_rate"] == [pytest.approx(sum(map(thinks, texts)) / len(texts))]
+    assert call["bpo_prefix"][0] == "<think>\n" and call["bpo_prefix"][2] == "<think>\n\n</think>\n\n"
+
+
+def test_thinks_and_trl_reward():
+    assert thinks("<think>\nx") and not thinks("<think>\n\n</think>\n\n7") and not thinks("7")
+    assert thinks("<think>\n\n</think>\n\n<think>more</think>7")  # a reopened block in non-thinking mode
+    reward = trl_reward(accuracy_reward)
+    out = reward(completions=[[{"role": "assistant", "content": "1+1\n</think>\n\n2"}], [{"content": "3"}]],
+                 answer=["2", "2"], bpo_prefix=["<think>\n", "<think>\n\n</think>\n\n"])  # fmt: skip
+    assert out == [1.0, 0.0]
+    with pytest.raises(ValueError, match="answer_column"):
+        reward(completions=["2"], solution=["2"])
+
+
+def test_trains_bpo_steps_through_trl(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=3, bf16=True)  # TRL's default: bf16 autocast (on CPU here)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert "lm_head.weight" in changed and any("layers.0" in n for n in changed)
+    logs = [h for h in trainer.state.log_history if "bpo/think/reward" in h]
+    assert len(logs) == 3
+    for h in logs:
+        for key in ("bpo/think/reward", "bpo/no_think/reward", "bpo/think/completion_length",
+                    "bpo/no_think/think_rate", "entropy", "clip_ratio/region_mean"):  # fmt: skip
+            assert key in h and math.isfinite(h[key])
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(loss_type="grpo"),
+        dict(loss_type="bnpo", beta=0.1),
+        dict(loss_type="dr_grpo", epsilon=0.1, epsilon_high=0.3),
+        dict(loss_type="dapo", temperature=0.7, beta=0.05),
+        dict(loss_type="grpo", importance_sampling_level="sequence"),
+    ],
+    ids=["grpo", "bnpo-kl", "dr_grpo-clip-higher", "dapo-temp-kl", "gspo"],
+)
+def test_loss_and_gradients_equal_trl(tmp_path, config):
+    """Plain GRPO (no split): our fused loss on TRL's batch equals TRL's own _compute_loss, gradients included."""
+    tok = build_tokenizer()
+    path = tmp_path / "policy"  # a saved model: TRL builds the beta > 0 reference from its path
+    tiny_model(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    trainer = make_trainer(tmp_path, model=str(path), mode_split=False, **config)
+    model = trainer.model
+    model.train()
+    trainer.current_gradient_accumulation_steps = 2  # set by train(); 2 exercises the accumulation normaliser
+    inputs = trainer._generate_and_score_completions(batch_inputs())
+    # off-policy: old log-probs away from the current ones so that some ratios leave the clip range
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), inputs["completion_ids"].size(1))
+    inputs["old_per_token_logps"] = logps + 0.3 * torch.randn(logps.shape, generator=gen)
+    if trainer.beta:
+        assert "ref_per_token_logps" in inputs
+    losses, grads = [], []
+    for fn in (GRPOTrainer._compute_loss, BPOTrainer._compute_loss):
+        model.zero_grad()
+        loss = fn(trainer, model, inputs)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(_grads(model))
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and "lm_head.weight" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    metrics = trainer._metrics["train"]
+    if trainer.importance_sampling_level == "token":  # TRL counts GSPO's clipping per sequence, we per token
+        assert metrics["clip_ratio/region_mean"][0] == pytest.approx(metrics["clip_ratio/region_mean"][1], abs=1e-6)
+        assert metrics["clip_ratio/region_mean"][0] > 0  # the perturbed old log-probs do clip some tokens
+    assert metrics["entropy"][0] == pytest.approx(metrics["entropy"][1], rel=1e-5)
+
+
+def test_grpo_advantages_equal_trl(tmp_path):
+    """Without the split, the advantages that replace TRL's are TRL's own (estimator grpo, one mode)."""
+    reward = Recorder()
+    trainer = make_trainer(tmp_path, reward=reward, mode_split=False, scale_rewards="batch")
+    trainer.model.train()
+    out = trainer._generate_and_score_completions(batch_inputs())
+    (call,) = reward.calls
+    assert call["bpo_mode"] == ["auto"] * 8 and call["bpo_prefix"] == [""] * 8
+    trl_adv = torch.tensor(list(trainer._logs["advantages"]))  # replaced by ours: recompute TRL's formula
+    r = torch.tensor(call["rewards"])
+    want = (r - r.view(2, 4).mean(1).repeat_interleave(4)) / (r.std() + 1e-4)
+    torch.testing.assert_close(out["advantages"], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trl_adv, want, atol=1e-5, rtol=1e-5)
+    assert "bpo/auto/reward" in trainer._metrics["train"]
