@@ -180,6 +180,31 @@ def test_equal_and_singleton_groups_give_exact_zero(backend_device):
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
+def test_singleton_verl_convention(backend_device):
+    """singleton="verl": a group of one gets mean 0, std 1 (verl's compute_grpo_outcome_advantage /
+    compute_rloo_outcome_advantage); other groups are untouched, on every backend, fixed and ragged groups."""
+    backend, device = backend_device
+    rewards = torch.tensor([0.1, 0.1, 0.1, 0.7, 2.0, 1.0, -2.0, float("nan"), 3.0, -0.5])
+    group_index = torch.tensor([0, 0, 0, 1, 2, 3, 3, 4, 4, 5])  # singletons: 1, 2, 5 and 4 (one finite reward)
+    single = torch.tensor([0, 0, 0, 1, 1, 0, 0, 0, 1, 1], dtype=torch.bool)
+    finite = torch.isfinite(rewards)
+    batch = rewards[finite].double().std()
+    for estimator, scale, factor in (("grpo", None, 1 / (1 + 1e-4)), ("drgrpo", None, 1.0), ("rloo", None, 1.0),
+                                     ("grpo", "batch", float(1 / (batch + 1e-4)))):
+        kw = dict(group_index=group_index.to(device), estimator=estimator, scale=scale, eps=1e-4, nonfinite="zero",
+                  backend=backend)
+        zero = group_advantages(rewards.to(device), **kw)
+        verl = group_advantages(rewards.to(device), singleton="verl", **kw)
+        expected = torch.where(single, rewards.nan_to_num(0) * factor, zero.advantages.cpu())
+        torch.testing.assert_close(verl.advantages.cpu(), expected.float(), rtol=1e-6, atol=0)
+        assert (zero.advantages.cpu()[single] == 0).all()
+        assert int(zero.zero_signal_groups) == 5 and int(verl.zero_signal_groups) == 1  # group 0: all equal
+        torch.testing.assert_close(verl.group_mean, zero.group_mean, equal_nan=True)
+    fixed = group_advantages(torch.tensor([1.0, -3.0, 0.5]).to(device), 1, singleton="verl", backend=backend)
+    torch.testing.assert_close(fixed.advantages.cpu(), torch.tensor([1.0, -3.0, 0.5]) / (1 + 1e-6))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
 def test_nonfinite_zero_excludes_rewards(backend_device):
     backend, device = backend_device
     rewards = torch.tensor([1.0, float("nan"), 0.0, float("inf"), 2.0, 2.0, float("nan"), -1.0])
@@ -227,6 +252,7 @@ def test_nonfinite_zero_excludes_rewards(backend_device):
         (dict(rewards=torch.ones(4), group_size=2, modes=torch.tensor([1, 1, 0, 1]), estimator="bpo"), ValueError,
          "1 group.s. lack one of the two modes .first: group 0"),
         (dict(rewards=torch.ones(4), group_size=2, nonfinite="ignore"), ValueError, "nonfinite: expected one of"),
+        (dict(rewards=torch.ones(4), group_size=2, singleton="trl"), ValueError, "singleton: expected one of"),
         (dict(rewards=torch.ones(4), group_size=2, eps=float("nan")), ValueError, "eps: expected a finite"),
         (dict(rewards=torch.ones(4), group_size=2, num_groups=3), ValueError, "num_groups: 3 contradicts"),
     ],
@@ -260,6 +286,19 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(rewards, modes), step(rewards, modes)):
         torch.testing.assert_close(got, want, equal_nan=True)
+
+
+def test_torch_compile_fullgraph_verl_singletons():
+    torch._dynamo.reset()
+
+    def step(rewards, group_index):
+        out = group_advantages(rewards, group_index=group_index, num_groups=3, singleton="verl", backend="torch")
+        return out.advantages, out.zero_signal_groups
+
+    rewards, gi = torch.tensor([1.0, 0.0, 2.0, 0.5]), torch.tensor([0, 0, 1, 2])
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(rewards, gi), step(rewards, gi)):
+        torch.testing.assert_close(got, want)
 
 
 def test_rewards_are_constants():

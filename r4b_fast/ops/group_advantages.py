@@ -24,6 +24,7 @@ from r4b_fast.modes import NUM_MODES, Mode
 ESTIMATORS = ("grpo", "bpo", "drgrpo", "rloo")
 SCALES = ("group", "batch", "none")
 NONFINITE = ("raise", "zero")
+SINGLETONS = ("zero", "verl")
 STATS_COLUMNS = ("count", "mean", "std", "zero_signal") + tuple(f"count_{m.name.lower()}" for m in Mode) + tuple(
     f"sum_{m.name.lower()}" for m in Mode
 )
@@ -388,6 +389,7 @@ def group_advantages(
     unbiased: bool = True,
     eps: float = 1e-6,
     nonfinite: str = "raise",
+    singleton: str = "zero",
     backend: str | None = None,
 ) -> GroupAdvantages:
     """Per-rollout advantages from scalar rewards, normalised within groups of rollouts of the same prompt.
@@ -407,13 +409,22 @@ def group_advantages(
         scale: ``"group"`` (divide by the group's std), ``"batch"`` (by the std of all rewards, TRL's
             ``scale_rewards="batch"``), ``"none"``. Default: ``"group"`` for grpo/bpo, ``"none"`` for drgrpo/rloo.
         unbiased: std with Bessel's correction (``N-1``, as ``torch.std`` in TRL and verl) or without.
-        eps: added to the std before dividing.
+        eps: added to the std before dividing. ``1e-6`` (the default) is verl's (``compute_grpo_outcome_advantage``'s
+            ``epsilon``); TRL 1.16's ``GRPOTrainer`` divides by ``std + 1e-4``: pass ``eps=1e-4`` to get its numbers.
         nonfinite: ``"raise"`` on NaN/inf rewards, or ``"zero"``: exclude them from the statistics, advantage 0.
+        singleton: a group holding one (finite) reward: ``"zero"`` gives it advantage 0 (it has no baseline);
+            ``"verl"`` takes verl's convention, mean 0 and std 1: advantage ``r / (1 + eps)`` with ``scale="group"``,
+            ``r / (batch std + eps)`` with ``"batch"``, ``r`` with ``"none"`` (verl's Dr.GRPO and RLOO). Such groups
+            then no longer count in ``zero_signal_groups``; ``group_mean`` / ``group_std`` still describe the data
+            (``r``, 0). TRL never forms one (``num_generations >= 2``).
         backend: ``"torch"``, ``"triton"`` or ``"cuda"``; default ``$R4B_FAST_BACKEND`` or the best for the device.
 
     Returns:
         :class:`GroupAdvantages`. A group whose rewards are all equal, or that has fewer than two finite rewards,
-        gives advantage exactly 0 (never NaN) and counts in ``zero_signal_groups``. Variance is two-pass.
+        gives advantage exactly 0 (never NaN) and counts in ``zero_signal_groups`` (except singletons under
+        ``singleton="verl"``). Variance is two-pass. verl and TRL compute ``r - mean`` in float32: for an all-equal
+        group of non-representable rewards (three 0.1s) they give ``rounding / eps``, up to ~1e-2, where this
+        gives 0.
 
     Example:
         >>> import torch, r4b_fast
@@ -442,6 +453,8 @@ def group_advantages(
         raise ValueError(f"scale: estimator='drgrpo' means no std scaling, got scale={scale!r}")
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite: expected one of {NONFINITE}, got {nonfinite!r}")
+    if singleton not in SINGLETONS:
+        raise ValueError(f"singleton: expected one of {SINGLETONS} (verl: mean 0, std 1), got {singleton!r}")
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
     if (group_size is None) == (group_index is None):
@@ -486,7 +499,29 @@ def group_advantages(
         rewards.detach(), group_index, modes, num_groups, group_size or 0, estimator, scale, unbiased, float(eps),
         nonfinite, chosen,
     )  # fmt: skip
+    if singleton == "verl":
+        adv, stats = _verl_singletons(rewards, adv, stats, group_index, group_size, scale, unbiased, float(eps))
     return _unpack_stats(adv, stats, modes is not None)
+
+
+def _verl_singletons(rewards, adv, stats, group_index, group_size, scale, unbiased, eps):
+    """verl's singleton convention after any backend: rows alone in their group get ``(r - 0) / (1 + eps)`` (or the
+    batch std, or no scale); their groups leave the zero-signal count. Vectorised, no host sync."""
+    r = rewards.detach().to(COMPUTE_DTYPE)
+    valid = torch.isfinite(r)
+    gid = group_index if group_index is not None else torch.arange(r.numel(), device=r.device) // group_size
+    single_group = stats[:, 0] == 1
+    single_row = single_group[gid] & valid
+    if scale == "group":
+        scaled = r / (1 + eps)
+    elif scale == "batch":
+        scaled = r / (batch_std(r, valid, unbiased) + eps)
+    else:
+        scaled = r
+    adv = torch.where(single_row, scaled.to(adv.dtype), adv)
+    stats = stats.clone()
+    stats[:, 3] = torch.where(single_group, 0.0, stats[:, 3])
+    return adv, stats
 
 
 def _unpack_stats(adv: torch.Tensor, stats: torch.Tensor, with_modes: bool) -> GroupAdvantages:
