@@ -15,6 +15,7 @@ from trl import GRPOTrainer  # noqa: E402
 
 from r4b_fast.integrations.trl import BPOConfig, BPOTrainer, thinks, trl_reward  # noqa: E402
 from r4b_fast.modes import Mode  # noqa: E402
+from r4b_fast.ops.fused_linear_logprobs import rollout_importance_weights  # noqa: E402
 from r4b_fast.training.rewards import accuracy_reward  # noqa: E402
 
 CHAT_TEMPLATE = (
@@ -111,7 +112,8 @@ def test_prefixes_from_the_template(tmp_path):
         (dict(num_generations=3, per_device_train_batch_size=6), "num_generations"),
         (dict(loss_type="cispo"), "loss_type"),
         (dict(delta=2.0), "delta"),
-        (dict(entropy_coef=0.01), "entropy_coef"),
+        (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
+        (dict(beta=0.1, use_bias_correction_kl=True), "use_bias_correction_kl"),
         (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
         (dict(think_prefix=""), "think_prefix"),
     ],
@@ -218,11 +220,17 @@ def _grads(model):
         dict(loss_type="dr_grpo", epsilon=0.1, epsilon_high=0.3),
         dict(loss_type="dapo", temperature=0.7, beta=0.05),
         dict(loss_type="grpo", importance_sampling_level="sequence"),
+        dict(loss_type="bnpo", entropy_coef=0.05),
+        dict(loss_type="dapo", vllm="token_truncate"),
+        dict(loss_type="grpo", vllm="sequence_truncate"),
     ],
-    ids=["grpo", "bnpo-kl", "dr_grpo-clip-higher", "dapo-temp-kl", "gspo"],
+    ids=["grpo", "bnpo-kl", "dr_grpo-clip-higher", "dapo-temp-kl", "gspo", "entropy-bonus", "vllm-is-token",
+         "vllm-is-sequence"],
 )
 def test_loss_and_gradients_equal_trl(tmp_path, config):
     """Plain GRPO (no split): our fused loss on TRL's batch equals TRL's own _compute_loss, gradients included."""
+    config = dict(config)
+    vllm_mode = config.pop("vllm", None)
     tok = build_tokenizer()
     path = tmp_path / "policy"  # a saved model: TRL builds the beta > 0 reference from its path
     tiny_model(tok).save_pretrained(path)
@@ -241,6 +249,14 @@ def test_loss_and_gradients_equal_trl(tmp_path, config):
     inputs["old_per_token_logps"] = logps + 0.3 * torch.randn(logps.shape, generator=gen)
     if trainer.beta:
         assert "ref_per_token_logps" in inputs
+    if vllm_mode is not None:  # what TRL does with vLLM rollouts, without vLLM: the rollout's log-probs are perturbed
+        trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
+        rollout = inputs["old_per_token_logps"] + 0.5 * torch.randn(logps.shape, generator=gen)
+        level = vllm_mode.split("_")[0]
+        weights = rollout_importance_weights(inputs["old_per_token_logps"], rollout, inputs["completion_mask"],
+                                             cap=1.5, level=level)  # TRL's *_truncate with clip_max=1.5  # fmt: skip
+        inputs["importance_sampling_ratio"] = weights if level == "token" else weights[:, :1]
+        assert (weights != 1).any() and (weights == 1.5).any()  # some truncated
     losses, grads = [], []
     for fn in (GRPOTrainer._compute_loss, BPOTrainer._compute_loss):
         model.zero_grad()
@@ -274,3 +290,13 @@ def test_grpo_advantages_equal_trl(tmp_path):
     torch.testing.assert_close(out["advantages"], want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(trl_adv, want, atol=1e-5, rtol=1e-5)
     assert "bpo/auto/reward" in trainer._metrics["train"]
+
+
+def test_modes_follow_the_global_position(tmp_path):
+    """TRL's sampler lays groups of num_generations out in a row over all processes: a process holding half a group
+    gets the right half's modes (here: 2 processes x 2 rollouts, groups of 4)."""
+    trainer = make_trainer(tmp_path)
+    T, N = Mode.THINK, Mode.NO_THINK
+    assert trainer._group_modes(2, 0, 4) == [T, T] and trainer._group_modes(2, 2, 4) == [N, N]
+    assert trainer._group_modes(8, 0, 8) == [T] * 4 + [N] * 4
+    assert trainer._group_modes(6, 6, 6) == [T] * 3 + [N] * 3

@@ -14,8 +14,8 @@ forced into non-thinking mode, with advantages normalised over the mixed group o
 - ``_calculate_rewards``: keeps TRL's gathered per-function rewards for the advantage above;
 - ``_compute_loss``: ``r4b_fast.fused_linear_policy_loss`` on the backbone's last hidden states and the LM-head
   weight, run inside the model's forward (so DDP / FSDP / DeepSpeed wrappers see one forward), without the
-  ``[T, V]`` logits; TRL's ``loss_type``, ``epsilon`` / ``epsilon_high``, ``beta``, ``temperature`` and
-  ``importance_sampling_level`` map to its arguments.
+  ``[T, V]`` logits; TRL's ``loss_type``, ``epsilon`` / ``epsilon_high``, ``beta``, ``temperature``,
+  ``entropy_coef``, ``importance_sampling_level`` and vLLM's ``importance_sampling_ratio`` map to its arguments.
 
 Which rollout gets which mode: TRL's sampler repeats each prompt ``num_generations`` times in a row (over all
 processes in process order), so the rollout at global position ``i`` is number ``i % num_generations`` of its group;
@@ -43,7 +43,6 @@ Needs ``trl`` (``pip install "r4b_fast[trl]"``); importing ``r4b_fast`` never im
 
 from __future__ import annotations
 
-import inspect
 import re
 import types
 from collections.abc import Callable
@@ -70,10 +69,6 @@ _FORWARD_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spat
 _THINK_BLOCK = re.compile(re.escape(THINK_OPEN) + r"(.*?)(?:" + re.escape(THINK_CLOSE) + r"|$)", re.S)
 
 
-def _supports_rollout_is_weights() -> bool:
-    return "rollout_is_weights" in inspect.signature(fused_linear_policy_loss).parameters
-
-
 @dataclass
 class BPOConfig(GRPOConfig):
     """``trl.GRPOConfig`` plus BPO's settings. ``num_generations`` is ``2g``: ``g`` thinking + ``g`` non-thinking.
@@ -87,7 +82,7 @@ class BPOConfig(GRPOConfig):
 
     TRL options the fused loss does not implement are refused here with the field's name: ``loss_type`` other than
     grpo / bnpo / dr_grpo / dapo, ``delta``, ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
-    ``entropy_coef`` / ``use_adaptive_entropy``, ``use_bias_correction_kl`` with ``beta != 0`` (default False here,
+    ``use_adaptive_entropy``, ``use_bias_correction_kl`` with ``beta != 0`` (default False here,
     True in TRL), ``multi_objective_aggregation`` other
     than ``"sum_then_normalize"``, and an odd ``num_generations`` (or ``num_generations_eval``) with the split.
 
@@ -110,7 +105,7 @@ class BPOConfig(GRPOConfig):
             "delta": self.delta is not None,
             "top_entropy_quantile": self.top_entropy_quantile < 1.0,
             "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
-            "entropy_coef": self.entropy_coef != 0.0 or self.use_adaptive_entropy,
+            "use_adaptive_entropy": self.use_adaptive_entropy,
             "use_bias_correction_kl": self.use_bias_correction_kl and self.beta != 0.0,
             "multi_objective_aggregation": self.multi_objective_aggregation != "sum_then_normalize",
         }
@@ -212,8 +207,9 @@ class BPOTrainer(GRPOTrainer):
     the thinking half's share that wrote something, the non-thinking half's share that reopened a block).
 
     Not supported (clear errors): ``tools``, ``environment_factory``, ``rollout_func`` with the split (they bypass or
-    re-tokenize the prompt the prefix goes into); MoE router auxiliary loss; logit soft-capping or logit scaling heads;
-    vLLM's importance-sampling correction until ``fused_linear_policy_loss`` takes ``rollout_is_weights``.
+    re-tokenize the prompt the prefix goes into); MoE router auxiliary loss; logit soft-capping or logit scaling heads.
+    With vLLM, TRL's ``importance_sampling_ratio`` (any ``vllm_importance_sampling_mode``) becomes the op's
+    ``rollout_is_weights``.
 
     Example:
         >>> trainer = BPOTrainer(model=model, reward_funcs=reward, args=BPOConfig(output_dir="out", num_generations=4),
@@ -237,9 +233,6 @@ class BPOTrainer(GRPOTrainer):
                 if kwargs.get(name):
                     raise ValueError(f"{name}: not supported with BPOConfig.mode_split=True (the mode prefix is "
                                      "appended to TRL's tokenized prompt, which these bypass or re-tokenize)")
-        if args.use_vllm and args.vllm_importance_sampling_correction and not _supports_rollout_is_weights():
-            raise ValueError("BPOConfig.vllm_importance_sampling_correction: this r4b_fast's fused_linear_policy_loss "
-                             "takes no rollout_is_weights yet; set it to False")  # fmt: skip
         self._bpo_local_modes: list[Mode] | None = None
         self._bpo_rewards_per_func: torch.Tensor | None = None
         super().__init__(model, reward_funcs, args, **kwargs)
@@ -403,8 +396,11 @@ class BPOTrainer(GRPOTrainer):
             max_length=max_length, importance_level=self.importance_sampling_level,
             logits_to_keep=inputs["completion_ids"].size(1), cast_lm_head_to_fp32=bool(self.args.cast_lm_head_to_fp32),
         )  # fmt: skip
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            spec["rollout_is_weights"] = inputs["importance_sampling_ratio"]
+        if self.entropy_coef:  # TRL's bonus: a token mean whatever the loss_type, / accumulation steps
+            spec.update(entropy_coef=float(self.entropy_coef) / accum, entropy_aggregation="token-mean")
+        if self.use_vllm and self.vllm_importance_sampling_correction:  # TRL's ratio: [B, T] per token, [B, 1] per seq
+            weights = inputs["importance_sampling_ratio"]
+            spec["rollout_is_weights"] = weights.squeeze(-1) if weights.size(-1) == 1 else weights
         return spec
 
     def _compute_loss(self, model, inputs):
