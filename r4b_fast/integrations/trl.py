@@ -33,7 +33,7 @@ prompt); :func:`trl_reward` turns a ``(response, answer) -> float`` function suc
 Example:
     >>> from r4b_fast.integrations.trl import BPOConfig, BPOTrainer, trl_reward  # doctest: +SKIP
     >>> from r4b_fast.training.rewards import accuracy_reward  # doctest: +SKIP
-    >>> args = BPOConfig(output_dir="out", num_generations=8, loss_type="grpo", beta=0.0)  # g = 4 per mode
+    >>> args = BPOConfig(output_dir="out", num_generations=8, loss_type="grpo")  # g = 4 per mode  # doctest: +SKIP
     >>> trainer = BPOTrainer(model=model, reward_funcs=trl_reward(accuracy_reward), args=args,
     ...                      train_dataset=dataset, processing_class=tokenizer)  # doctest: +SKIP
     >>> trainer.train()  # doctest: +SKIP
