@@ -35,5 +35,7 @@ setup(
         "flash-attn": ["flash-attn>=2.6"],
         "xformers": ["xformers>=0.0.28"],
         "liger": ["liger-kernel>=0.5"],
+        # the TRL integration overrides GRPOTrainer methods (private ones too): pinned to the minor version tested
+        "trl": ["trl>=1.16,<1.17"],
     },
 )
