@@ -27,7 +27,12 @@ from tqdm.auto import tqdm
 
 from r4b_fast import group_advantages, pack_multimodal, unpack
 from r4b_fast.modes import Mode
-from r4b_fast.ops.fused_linear_logprobs import fused_linear_logprobs, fused_linear_policy_loss
+from r4b_fast.ops.fused_linear_logprobs import (
+    fused_linear_logprobs,
+    fused_linear_policy_loss,
+    logprob_mismatch,
+    rollout_importance_weights,
+)
 from r4b_fast.packed_forward import packed_forward
 from r4b_fast.training.common import (
     CheckpointError,
@@ -122,6 +127,12 @@ def parse_args(argv):
                    choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
                    help="default: the mean over the 2g rollouts of each one's token mean, as the BPO objective")
     p.add_argument("--beta", type=float, default=0.0, help="k3 KL to the frozen initial model (0: no reference)")
+    p.add_argument("--rollout-is", choices=("off", "token", "sequence"), default="off",
+                   help="rollout importance sampling (verl's TIS): the PPO ratio's old log-probs come from a no-grad "
+                        "training forward, and min(exp(old - rollout), cap) per token / per sequence weights the "
+                        "policy-gradient term (the rollout vs trainer mismatch is logged every step either way)")
+    p.add_argument("--rollout-is-cap", type=float, default=2.0,
+                   help="truncation of the --rollout-is weights (verl's rollout_is_threshold)")  # fmt: skip
     p.add_argument("--hard-fraction", type=float, default=0.5, help="embedded task: share of hard prompts")
     p.add_argument("--dataset", type=Path, default=None,
                    help="jsonl/parquet with image, question, answer (optional hard); default: the embedded task")
@@ -160,6 +171,7 @@ def parse_args(argv):
     check_range(p, "--temperature", args.temperature, low=1e-3, low_inclusive=True)
     check_range(p, "--clip", args.clip, high=1.0, high_inclusive=False)  # the ratio's range is [1 - clip, 1 + clip]
     check_range(p, "--beta", args.beta, low_inclusive=True)
+    check_range(p, "--rollout-is-cap", args.rollout_is_cap)
     check_range(p, "--hard-fraction", args.hard_fraction, high=1.0, low_inclusive=True)
     if args.prompts * 2 * args.g % (args.mini_batches * args.grad_accum):
         p.error("--mini-batches x --grad-accum must divide the rollouts per step (prompts x 2g)")
@@ -179,7 +191,8 @@ def parse_args(argv):
 # the settings that alter the math of a step: a resume with other values is refused (--allow-changed-settings)
 SETTINGS = ("model", "algo", "prompts", "g", "max_new_tokens", "temperature", "lr", "ppo_epochs", "mini_batches",
             "grad_accum", "clip", "aggregation", "beta", "hard_fraction", "dataset", "on_bad_row",
-            "max_prompt_tokens", "seed", "precision", "min_think_tokens", "no_reopen", "train_mode_prefix")
+            "max_prompt_tokens", "seed", "precision", "min_think_tokens", "no_reopen", "train_mode_prefix",
+            "rollout_is", "rollout_is_cap")
 
 
 @dataclass
@@ -193,6 +206,7 @@ class MicroBatch:
     mask: torch.Tensor
     old_logprobs: torch.Tensor
     ref_logprobs: torch.Tensor | None
+    rollout_is_weights: torch.Tensor | None = None  # --rollout-is: truncated pi_train / pi_rollout per token
 
 
 def micro_batch_loss(model, mb: MicroBatch, tokens: ModeTokens, args, normaliser, encoder: ImageEncoder):
@@ -202,6 +216,7 @@ def micro_batch_loss(model, mb: MicroBatch, tokens: ModeTokens, args, normaliser
         hidden, model.lm_head.weight, mb.rollouts.completions, mb.advantages, mb.mask, old_logprobs=mb.old_logprobs,
         ref_logprobs=mb.ref_logprobs, beta=args.beta, clip_low=args.clip, clip_high=args.clip,
         temperature=args.temperature, aggregation=args.aggregation, normaliser=normaliser,
+        rollout_is_weights=mb.rollout_is_weights,
     )  # fmt: skip
 
 
@@ -337,6 +352,29 @@ def _train(args) -> int:
                 ref_logprobs = fused_linear_logprobs(ref_hidden.flatten(0, 1), reference.lm_head.weight,
                                                      rollouts.completions.flatten(),
                                                      temperature=args.temperature).view(mask.shape)
+        # Rollout vs trainer log-probs of the same tokens, before any update of this step: the training forward
+        # (packed, no KV cache) on the weights that sampled them. --rollout-is: those become the PPO ratio's old
+        # log-probs and the rollout's give truncated importance weights (verl's decoupled ratio x TIS).
+        with torch.no_grad(), autocast(device, precision):
+            train_hidden = policy_forward(rollout_model, items, prompt_ids, rollouts, tokens.image, tokens.pad, encoder)
+            train_logprobs = fused_linear_logprobs(train_hidden.flatten(0, 1), rollout_model.lm_head.weight,
+                                                   rollouts.completions.flatten(),
+                                                   temperature=args.temperature).view(mask.shape)  # fmt: skip
+        mismatch = logprob_mismatch(train_logprobs, rollouts.logprobs, mask)
+        if world > 1:  # exact over ranks: token-weighted sums, the largest maximum
+            n_tok = mask.sum().double()
+            sums = torch.stack([mismatch["mismatch/abs_mean"].double() * n_tok,
+                                mismatch["mismatch/k3"].double() * n_tok, n_tok])  # fmt: skip
+            top = mismatch["mismatch/abs_max"].clone()
+            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+            mismatch = {"mismatch/abs_mean": sums[0] / sums[2].clamp_min(1), "mismatch/abs_max": top,
+                        "mismatch/k3": sums[1] / sums[2].clamp_min(1)}  # fmt: skip
+        is_weights = None
+        if args.rollout_is != "off":
+            is_weights = rollout_importance_weights(train_logprobs, rollouts.logprobs, mask, cap=args.rollout_is_cap,
+                                                    level=args.rollout_is)  # fmt: skip
+            rollouts.logprobs = train_logprobs  # the old log-probs of every micro-batch below: the trainer's
         rows = torch.arange(mask.shape[0], device=device)
         metrics_acc: dict[str, list[float]] = {}
         for _epoch in range(args.ppo_epochs):
@@ -357,7 +395,9 @@ def _train(args) -> int:
                     sub.prompt_index = torch.tensor([remap[p] for p in sub.prompt_index.tolist()], device=device)
                     batch = MicroBatch([items[p] for p in sub_items_idx], [prompt_ids[p] for p in sub_items_idx],
                                        sub, adv.advantages[micro], mask[micro], rollouts.logprobs[micro],
-                                       None if ref_logprobs is None else ref_logprobs[micro])  # fmt: skip
+                                       None if ref_logprobs is None else ref_logprobs[micro],
+                                       rollout_is_weights=None if is_weights is None else
+                                       is_weights[micro])  # fmt: skip
                     with autocast(device, precision):
                         loss, m = loss_module(batch, tokens, args, mb_norm, encoder)
                     (loss * world).backward()  # x world: FSDP averages gradients over ranks
@@ -372,6 +412,7 @@ def _train(args) -> int:
         elapsed = time.perf_counter() - t0
         lengths = rollouts.lengths.float()
         record = {k: sum(v) / len(v) for k, v in metrics_acc.items()}
+        record.update({k: float(v) for k, v in mismatch.items()})  # rollout vs trainer, before this step's updates
         # each micro-batch's loss is its share of its mini-batch's loss: summed, then averaged over mini-batches
         record["loss"] = sum(metrics_acc["loss"]) / args.ppo_epochs / args.mini_batches
         # per-mode means from sums and counts, so that they are exact over ranks too
