@@ -78,6 +78,21 @@ def test_compute_advantage_bpo_config_and_zero_signal():
     assert torch.allclose(adv[1::2], torch.tensor([0.25, -0.75, 0.25, 0.25]) / (0.5 + EPS), rtol=0, atol=1e-6)
 
 
+def test_compute_advantage_bpo_singleton_conventions():
+    # a prompt with one rollout: 0 by default; verl's grpo convention r / (1 + eps) with algorithm.bpo_singleton=verl
+    uids, rewards, lengths = ["a", "a", "s"], [1.0, 0.0, 0.7], [2, 3, 4]
+    zero = compute_advantage(_batch(rewards, uids, lengths), adv_estimator="bpo", config=AlgoConfig())
+    assert zero.batch["advantages"][2].abs().sum() == 0
+    cfg = OmegaConf.create({"norm_adv_by_std_in_grpo": True, "bpo_singleton": "verl"})  # the trainer's DictConfig
+    ours = compute_advantage(_batch(rewards, uids, lengths), adv_estimator="bpo", config=cfg)
+    grpo = compute_advantage(_batch(rewards, uids, lengths), adv_estimator="grpo", config=AlgoConfig())
+    assert ours.batch["advantages"][2, 0].item() == pytest.approx(0.7 / (1 + EPS), rel=1e-6)
+    assert torch.allclose(ours.batch["advantages"], grpo.batch["advantages"], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="singleton"):
+        compute_advantage(_batch(rewards, uids, lengths), adv_estimator="bpo",
+                          config=OmegaConf.create({"bpo_singleton": "one"}))
+
+
 def test_estimator_modes_checked_and_metrics():
     fn = get_adv_estimator_fn("bpo")
     data = _batch(REWARDS, UIDS, LENGTHS, modes=MODES)

@@ -131,6 +131,7 @@ def compute_bpo_outcome_advantage(
     norm_adv_by_std_in_grpo: bool | None = None,
     config: Any = None,
     modes: Any = None,
+    singleton: str | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """verl advantage estimator ``"bpo"``: R-4B's mixed-group advantage, one scalar per rollout on its response.
@@ -139,8 +140,8 @@ def compute_bpo_outcome_advantage(
     group; ``A = (r - mean) / (std + epsilon)`` with ``r`` the row sum of ``token_level_rewards`` (Bessel-corrected
     std, as verl's ``grpo``), or ``r - mean`` when ``norm_adv_by_std_in_grpo`` is False (taken from
     ``config.norm_adv_by_std_in_grpo`` when not given: verl passes only ``config`` to registered estimators). Groups
-    whose rewards are all equal, and single-rollout groups, get exactly 0 (verl's ``grpo`` gives a singleton
-    ``r / (1 + epsilon)``; BPO groups hold ``2g >= 2`` rollouts).
+    whose rewards are all equal get exactly 0; a single-rollout group gets 0 too, or verl's ``grpo`` convention
+    ``r / (1 + epsilon)`` (mean 0, std 1) with ``singleton="verl"`` (BPO groups hold ``2g >= 2`` rollouts).
 
     Args:
         token_level_rewards: ``[B, L]`` float, the reward on each response token (verl puts it on the last).
@@ -152,6 +153,8 @@ def compute_bpo_outcome_advantage(
         modes: optional ``[B]`` ``bpo_mode`` values (``"think"`` / ``"no_think"`` or ``Mode`` ints): then every group
             must hold both modes (``group_advantages(estimator="bpo")`` checks it); not passed by verl's
             ``compute_advantage`` (see the module docstring).
+        singleton: ``"zero"`` or ``"verl"``, as ``group_advantages(singleton=)``; default ``config.bpo_singleton``
+            (``+algorithm.bpo_singleton=verl`` on verl's command line), else ``"zero"``.
 
     Returns:
         ``(advantages, returns)``, both ``[B, L]`` in the rewards' dtype, the rollout's advantage on its response
@@ -173,6 +176,8 @@ def compute_bpo_outcome_advantage(
         raise ValueError("index: the bpo estimator groups rollouts by prompt uid; the batch has no 'uid' column")
     if norm_adv_by_std_in_grpo is None:
         norm_adv_by_std_in_grpo = bool(_cfg_get(config, "norm_adv_by_std_in_grpo", True))
+    if singleton is None:
+        singleton = _cfg_get(config, "bpo_singleton", None) or "zero"
     scores = token_level_rewards.sum(dim=-1)
     group_index, num_groups = _group_ids(index, scores.shape[0])
     mode_t = modes_from_field(modes) if modes is not None else None
@@ -185,7 +190,7 @@ def compute_bpo_outcome_advantage(
             modes=mode_t.to(scores.device) if mode_t is not None else None,
             # without modes the mixed group's statistics are GRPO's over the uid group; "bpo" adds the mode check
             estimator="bpo" if mode_t is not None else "grpo",
-            scale="group" if norm_adv_by_std_in_grpo else "none", eps=float(epsilon),
+            scale="group" if norm_adv_by_std_in_grpo else "none", eps=float(epsilon), singleton=singleton,
         )  # fmt: skip
         adv = out.advantages.to(token_level_rewards.dtype).unsqueeze(-1) * response_mask.to(token_level_rewards.dtype)
     return adv, adv
