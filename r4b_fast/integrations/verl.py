@@ -33,7 +33,9 @@ What verl's extension points do not allow (0.9.1):
 - The fused LM-head loss: a registered policy loss receives ``log_prob`` from the actor's forward, which has already
   formed the ``[T, V]`` logits. Skipping them needs an actor / engine whose forward returns the last hidden states;
   such a custom actor calls :func:`fused_policy_loss_for_verl` with verl's actor config, which maps it to the same
-  ``fused_linear_policy_loss`` arguments (same loss and gradients as the registered loss, tested).
+  ``fused_linear_policy_loss`` arguments (same loss and gradients as the registered loss, tested). verl's
+  extension point for such an actor is its ``EngineRegistry`` (a subclass of its FSDP engine whose forward stops at
+  the last hidden states); that engine is not part of this module.
 """
 
 from __future__ import annotations
