@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from r4b_fast import group_advantages, pack_multimodal, unpack
+from r4b_fast import group_advantages, unpack
+from r4b_fast.models.chat import ChatFormat
 from r4b_fast.modes import Mode
 from r4b_fast.ops.fused_linear_logprobs import (
     fused_linear_logprobs,
@@ -33,7 +34,6 @@ from r4b_fast.ops.fused_linear_logprobs import (
     logprob_mismatch,
     rollout_importance_weights,
 )
-from r4b_fast.packed_forward import packed_forward
 from r4b_fast.training.common import (
     CheckpointError,
     LossModule,
@@ -67,7 +67,7 @@ from r4b_fast.training.evaluation import (
 )
 from r4b_fast.training.rewards import accuracy_reward, compute_rewards, thought
 from r4b_fast.training.rollout import bpo_modes, generate_rollouts
-from r4b_fast.training.task import prompt_text, sample_items
+from r4b_fast.training.task import sample_items
 from r4b_fast.training.vision import ImageEncoder
 
 __all__ = ["ModeTokens", "main", "micro_batch_loss", "policy_forward", "prompt_embeddings"]
@@ -77,7 +77,8 @@ DEFAULT_MODEL = ASSETS / "annealed"
 
 
 def policy_forward(model, items, prompt_ids, rollouts, image_id, pad_id, encoder: ImageEncoder | None = None):
-    """Hidden states that predict each completion token: ``[R, N, D]`` (gradients reach vision, projector, LLM)."""
+    """Hidden states that predict each completion token: ``[R, N, D]`` (gradients reach vision, projector, LLM).
+    Any family the loops load: the model's family packs the rows (1-D RoPE, or M-RoPE + DeepStack for Qwen)."""
     R, N = rollouts.completions.shape
     device = next(model.parameters()).device
     lens = [len(prompt_ids[p]) for p in rollouts.prompt_index.tolist()]
@@ -91,15 +92,16 @@ def policy_forward(model, items, prompt_ids, rollouts, image_id, pad_id, encoder
         attn[r, :n] = 1
         attn[r, n : n + N] = rollouts.completion_mask[r].long().cpu()
     ids, attn = ids.to(device), attn.to(device)
-    feats = (encoder or ImageEncoder(model)).features(model, [it.image() for it in items])  # per item, with grad
-    row_feats = torch.cat([feats[p] for p in rollouts.prompt_index.tolist()])
-    # Pack prompt + completion of every rollout into one sequence (no padding computed). A sampled <image> token
+    encoder = encoder or ImageEncoder(model)
+    images = encoder.encode(model, [it.image() for it in items])  # per item, with grad
+    # Pack prompt + completion of every rollout into one sequence (no padding computed). A sampled placeholder token
     # in a completion is text, not a placeholder: hide it from the placeholder search, keep its embedding.
     in_prompt = torch.arange(width, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
     placeholders = torch.where((ids == image_id) & ~in_prompt, pad_id, ids)
-    packed = pack_multimodal(placeholders, attn, text_embeds=model.get_input_embeddings()(ids),
-                             vision_embeds=row_feats, image_token_id=image_id, rope="1d")
-    hidden = unpack(packed_forward(model.model, packed).last_hidden_state[0], packed)  # [R, width, D]
+    rows = images.select(rollouts.prompt_index.tolist())  # each rollout row's image
+    flat, packed = encoder.family.packed_hidden(model, placeholders, attn, rows,
+                                                text_embeds=model.get_input_embeddings()(ids))  # fmt: skip
+    hidden = unpack(flat, packed)  # [R, width, D]
     # position lens - 1 + t (the last prompt token, then the completion) predicts completion token t
     index = torch.tensor(lens, device=device)[:, None] - 1 + torch.arange(N, device=device)[None, :]
     return hidden.gather(1, index[..., None].expand(R, N, hidden.shape[-1]))
@@ -239,7 +241,7 @@ def _train(args) -> int:
                          f"prompts x 2g = {args.prompts // world * 2 * args.g})")  # fmt: skip
     model, tokenizer = load_model(args.model, device)
     model.train()
-    tokens = ModeTokens.from_tokenizer(tokenizer)
+    tokens = ModeTokens.from_tokenizer(tokenizer, model)  # prompts and mode prefixes: the chat template's, if any
     encoder = ImageEncoder.for_model(model, args.model)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
     if world > 1:  # FSDP2 for training; a plain replica, re-synced every step, for generation and evaluation
@@ -305,7 +307,7 @@ def _train(args) -> int:
             items = [train_rows[(step * args.prompts + i) % len(train_rows)] for i in range(args.prompts)]
         items = items[rank * local : (rank + 1) * local]
         gen = torch.Generator().manual_seed(args.seed * 7_000_003 + step)
-        prompt_ids = [tokenizer(prompt_text(it, n_img(it)), add_special_tokens=False)["input_ids"] for it in items]
+        prompt_ids = [tokens.prompt_ids(it, n_img(it)) for it in items]
         if world > 1:
             sync_weights(rollout_model, model)
         rollout_model.eval()
@@ -488,10 +490,11 @@ def _data(args, tokenizer, n_img):
         return None, sample_items(args.eval_items, args.seed + 10_000, args.hard_fraction, split="eval")
     from r4b_fast.training.data import load_training_rows
 
+    fmt = ChatFormat.from_tokenizer(tokenizer)  # the placeholder the template renders (the model's)
+
     def checked(path):
         return load_training_rows(path, max_prompt_tokens=args.max_prompt_tokens, on_bad_row=args.on_bad_row,
-                                  prompt_tokens=lambda row: len(tokenizer(prompt_text(row, n_img(row)),
-                                                                          add_special_tokens=False)["input_ids"]))
+                                  prompt_tokens=lambda row: len(fmt.prompt_ids(row, n_img(row))))
 
     rows = checked(args.dataset)
     if args.eval_dataset is not None:

@@ -211,7 +211,9 @@ class LanguageModelWithHead(torch.nn.Module):
 
 LLAVA_ONEVISION = Family("llava_onevision", "LLaVA-OneVision", ("LlavaOnevisionForConditionalGeneration",),
                          ("llava_onevision",), "transformers:LlavaOnevisionForConditionalGeneration", "1d")
-R4B = Family("r4b", "R-4B", ("RForConditionalGeneration",), (), "r4b_fast.models.r4b:RForConditionalGeneration", "1d")
+# "rvl": r4b_fast.models.r4b.R4B_MODEL_TYPE (not imported here: that module imports transformers)
+R4B = Family("r4b", "R-4B", ("RForConditionalGeneration",), ("rvl",), "r4b_fast.models.r4b:RForConditionalGeneration",
+             "1d")
 QWEN2_5_VL = Family("qwen2_5_vl", "Qwen2.5-VL", ("Qwen2_5_VLForConditionalGeneration",), ("qwen2_5_vl",),
                     "transformers:Qwen2_5_VLForConditionalGeneration", "mrope")
 QWEN3_VL = Family("qwen3_vl", "Qwen3-VL", ("Qwen3VLForConditionalGeneration",), ("qwen3_vl",),
@@ -274,11 +276,10 @@ def load_pretrained(path, device, dtype=torch.float32):
         family = detect_family(local)
     else:
         family = detect_family(AutoConfig.from_pretrained(str(path)))
-    if family is R4B:
-        try:
-            importlib.import_module("r4b_fast.models.r4b")
-        except ImportError as err:
-            raise ValueError(f"--model: {path} is an R-4B checkpoint, but r4b_fast.models.r4b (its model class) is "
-                             f"not available: {err}") from err  # fmt: skip
-    model = family.model_class().from_pretrained(str(path), dtype=dtype).to(device)
+    if family is R4B:  # its own loader: any model_type / auto_map the published config.json carries, no remote code
+        from r4b_fast.models.r4b import load_r4b
+
+        model = load_r4b(str(path), dtype=dtype, device=device)
+    else:
+        model = family.model_class().from_pretrained(str(path), dtype=dtype).to(device)
     return model, AutoTokenizer.from_pretrained(str(path)), family
