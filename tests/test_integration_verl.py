@@ -318,3 +318,14 @@ def test_agent_loop_row_request_and_validation(chat_tokenizer):
     assert df["agent_name"].tolist() == ["r4b_bpo_agent"] * 2
     with pytest.raises(TypeError, match="frame"):
         rv.add_bpo_agent_column([1, 2])
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    tests = [t for t in finder.find(rv, globs={"np": np, "torch": torch, **vars(rv)}) if t.examples]
+    assert len(tests) >= 6
+    for t in tests:
+        runner.run(t)
+    assert runner.summarize(verbose=False).failed == 0

@@ -211,7 +211,7 @@ def bpo_mode_metrics(data: Any, prefix: str = "bpo") -> dict[str, float]:
         "bpo/think/count": ..., "bpo/no_think/...": ...}`` for the modes present.
 
     Example:
-        >>> metrics = bpo_mode_metrics(batch)   # e.g. in a custom trainer step, next to verl's compute_data_metrics
+        >>> metrics = bpo_mode_metrics(batch)  # doctest: +SKIP
     """
     if MODE_FIELD not in data.non_tensor_batch:
         raise ValueError(f"data: no non-tensor column {MODE_FIELD!r} (rollouts from the {AGENT_LOOP!r} agent loop "
@@ -453,7 +453,8 @@ def fused_policy_loss_for_verl(
         ``(loss, metrics)`` with verl's metric names.
 
     Example:
-        >>> loss, metrics = fused_policy_loss_for_verl(h, lm_head.weight, responses, adv, mask, old_lp, actor_cfg)
+        >>> loss, metrics = fused_policy_loss_for_verl(  # doctest: +SKIP
+        ...     h, lm_head.weight, responses, adv, mask, old_lp, actor_cfg)
     """
     loss, metrics = fused_linear_policy_loss(
         hidden, weight, targets, advantages, response_mask, old_logprobs=old_log_prob,
@@ -541,7 +542,8 @@ def add_bpo_agent_column(frame: Any) -> Any:
 
     Example:
         >>> import pandas as pd
-        >>> df = add_bpo_agent_column(pd.read_parquet("train.parquet")); df.to_parquet("bpo_train.parquet")
+        >>> add_bpo_agent_column(pd.DataFrame({"prompt": ["a"]}))["agent_name"].tolist()
+        ['r4b_bpo_agent']
     """
     if not hasattr(frame, "assign") or not hasattr(frame, "columns"):
         raise TypeError(f"frame: expected a pandas DataFrame, got {type(frame).__name__}")
