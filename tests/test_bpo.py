@@ -186,23 +186,29 @@ def test_strict_mode_flags_validated_and_compared_on_resume(tmp_path, tiny_polic
         assert proc.returncode == 2 and flag[0].replace("no-no-", "no-") in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("flag, prefix_trained", [([], True), (["--no-train-mode-prefix"], False)])
-def test_train_mode_prefix_puts_the_forced_prefix_in_the_loss(tmp_path, tiny_policy_dir, monkeypatch, flag,
-                                                               prefix_trained):  # fmt: skip
-    """--train-mode-prefix (default): the loss mask is the sampled tokens plus the forced mode prefix of rollouts with
-    a positive advantage (it reaches the think / no-think decision); --no-train-mode-prefix: only the sampled ones."""
+@pytest.mark.parametrize("flag, decision_on", [([], True), (["--decision-coef", "0"], False)])
+def test_bpo_trains_the_mode_decision_towards_the_better_half(tmp_path, tiny_policy_dir, monkeypatch, flag,
+                                                              decision_on):  # fmt: skip
+    """Default: the forced prefix stays out of the policy loss, and the decision loss gets each group's verdict
+    (the thinking half earns the reward: every row pushed to THINK, weight |S| / 2g); --decision-coef 0: no
+    decision loss."""
     import r4b_fast.training.bpo as bpo
 
-    seen = []
+    seen, decided = [], []
 
     def spy(hidden, weight, completions, advantages, mask, **kwargs):
         seen.append((mask.clone(), advantages.clone()))
         return real(hidden, weight, completions, advantages, mask, **kwargs)
 
-    real = bpo.fused_linear_policy_loss
+    def spy_decision(hidden, weight, tokens, targets, row_weights, **kwargs):
+        decided.append((tokens, targets.clone(), row_weights.clone()))
+        return real_decision(hidden, weight, tokens, targets, row_weights, **kwargs)
+
+    real, real_decision = bpo.fused_linear_policy_loss, bpo.mode_decision_loss
     rollouts_seen = []
     real_generate = bpo.generate_rollouts
     monkeypatch.setattr(bpo, "fused_linear_policy_loss", spy)
+    monkeypatch.setattr(bpo, "mode_decision_loss", spy_decision)
     # the thinking half earns the reward: positive advantages there, negative in the non-thinking half
     monkeypatch.setattr(bpo, "accuracy_reward", lambda text, answer: float(not text.startswith("<think>\n\n")))
     monkeypatch.setattr(bpo, "generate_rollouts", lambda *a, **k: rollouts_seen.append(real_generate(*a, **k))
@@ -213,7 +219,13 @@ def test_train_mode_prefix_puts_the_forced_prefix_in_the_loss(tmp_path, tiny_pol
     (ro,) = rollouts_seen
     ((mask, adv),) = seen
     assert ro.forced_mask.any() and (adv > 0).any() and (adv < 0).any()
-    expected = ro.completion_mask & ~ro.forced_mask
-    if prefix_trained:
-        expected = expected | (ro.completion_mask & ro.forced_mask & (adv > 0)[:, None])
-    assert torch.equal(mask, expected)
+    assert torch.equal(mask, ro.completion_mask & ~ro.forced_mask)  # the forced prefix is never in the policy loss
+    if not decision_on:
+        assert decided == []
+        return
+    ((tokens, targets, weights),) = decided
+    tok = bpo.load_model(tiny_policy_dir, torch.device("cpu"))[1]
+    assert tok.decode([tokens.think]) == "\n" and tok.decode([tokens.no_think]) == "\n\n" and tokens.position == 1
+    assert targets.eq(int(bpo.Mode.THINK)).all()
+    s = adv.view(2, 4)[:, :2].sum(1)  # per prompt: the thinking half's advantage sum
+    torch.testing.assert_close(weights, (s / 4).repeat_interleave(4))

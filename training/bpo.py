@@ -65,6 +65,7 @@ from r4b_fast.training.evaluation import (
     evaluate,
     prompt_embeddings,
 )
+from r4b_fast.training.mode_decision import DecisionTokens, decision_targets, mode_decision_loss
 from r4b_fast.training.rewards import accuracy_reward, compute_rewards, thought
 from r4b_fast.training.rollout import bpo_modes, generate_rollouts
 from r4b_fast.training.task import sample_items
@@ -117,9 +118,10 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=1.0)
     add_strict_mode_arguments(p)
-    p.add_argument("--train-mode-prefix", action=argparse.BooleanOptionalAction, default=True,
-                   help="train the forced mode-prefix tokens of rollouts with a positive advantage (reaches auto "
-                        "mode's think / no-think decision)")  # fmt: skip
+    p.add_argument("--decision-coef", type=float, default=1.0,
+                   help="BPO: weight of the mode-decision loss, which trains the token after '<think>' (auto mode's "
+                        "think / no-think decision) towards the forced half with the higher advantage, over those "
+                        "two tokens only (training/mode_decision.py); 0: off")  # fmt: skip
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--ppo-epochs", type=int, default=1)
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per PPO epoch")
@@ -174,6 +176,7 @@ def parse_args(argv):
     check_range(p, "--clip", args.clip, high=1.0, high_inclusive=False)  # the ratio's range is [1 - clip, 1 + clip]
     check_range(p, "--beta", args.beta, low_inclusive=True)
     check_range(p, "--rollout-is-cap", args.rollout_is_cap)
+    check_range(p, "--decision-coef", args.decision_coef, low_inclusive=True)
     check_range(p, "--hard-fraction", args.hard_fraction, high=1.0, low_inclusive=True)
     if args.prompts * 2 * args.g % (args.mini_batches * args.grad_accum):
         p.error("--mini-batches x --grad-accum must divide the rollouts per step (prompts x 2g)")
@@ -193,7 +196,7 @@ def parse_args(argv):
 # the settings that alter the math of a step: a resume with other values is refused (--allow-changed-settings)
 SETTINGS = ("model", "algo", "prompts", "g", "max_new_tokens", "temperature", "lr", "ppo_epochs", "mini_batches",
             "grad_accum", "clip", "aggregation", "beta", "hard_fraction", "dataset", "on_bad_row",
-            "max_prompt_tokens", "seed", "precision", "min_think_tokens", "no_reopen", "train_mode_prefix",
+            "max_prompt_tokens", "seed", "precision", "min_think_tokens", "no_reopen", "decision_coef",
             "rollout_is", "rollout_is_cap")
 
 
@@ -208,18 +211,33 @@ class MicroBatch:
     mask: torch.Tensor
     old_logprobs: torch.Tensor
     ref_logprobs: torch.Tensor | None
+    decision: DecisionTokens | None = None  # BPO's mode-decision loss (None: off)
+    decision_targets: torch.Tensor | None = None  # [R] Mode its group's verdict pushes the decision to
+    decision_weights: torch.Tensor | None = None  # [R] float >= 0
     rollout_is_weights: torch.Tensor | None = None  # --rollout-is: truncated pi_train / pi_rollout per token
 
 
 def micro_batch_loss(model, mb: MicroBatch, tokens: ModeTokens, args, normaliser, encoder: ImageEncoder):
     """The clipped policy loss of one micro-batch (``LossModule``'s function: FSDP2's root under torchrun)."""
     hidden = policy_forward(model, mb.items, mb.prompt_ids, mb.rollouts, tokens.image, tokens.pad, encoder)
-    return fused_linear_policy_loss(
+    loss, metrics = fused_linear_policy_loss(
         hidden, model.lm_head.weight, mb.rollouts.completions, mb.advantages, mb.mask, old_logprobs=mb.old_logprobs,
         ref_logprobs=mb.ref_logprobs, beta=args.beta, clip_low=args.clip, clip_high=args.clip,
         temperature=args.temperature, aggregation=args.aggregation, normaliser=normaliser,
         rollout_is_weights=mb.rollout_is_weights,
     )  # fmt: skip
+    if mb.decision is not None:
+        decision, m = mode_decision_loss(hidden, model.lm_head.weight, mb.decision, mb.decision_targets,
+                                         mb.decision_weights, temperature=args.temperature, normaliser=normaliser)
+        loss = loss + args.decision_coef * decision
+        metrics["decision_loss"] = decision.detach()
+        hard = torch.tensor([mb.items[p].hard is True for p in mb.rollouts.prompt_index.tolist()], device=hidden.device)
+        easy = torch.tensor([mb.items[p].hard is False for p in mb.rollouts.prompt_index.tolist()],
+                            device=hidden.device)  # fmt: skip
+        for level, rows in (("hard", hard), ("easy", easy)):
+            if rows.any():  # p(think) at auto mode's decision: every step, not only at evaluations
+                metrics[f"decision/p_think_{level}"] = m["decision_p_think"][rows].mean()
+    return loss, metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,6 +260,9 @@ def _train(args) -> int:
     model, tokenizer = load_model(args.model, device)
     model.train()
     tokens = ModeTokens.from_tokenizer(tokenizer, model)  # prompts and mode prefixes: the chat template's, if any
+    # BPO's forced halves train auto mode's decision token (fails here, before training, if the prefixes share it)
+    decision = DecisionTokens.from_prefixes(tokens.think_open, tokens.no_think) \
+        if args.algo == "bpo" and args.decision_coef > 0 else None
     encoder = ImageEncoder.for_model(model, args.model)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
     if world > 1:  # FSDP2 for training; a plain replica, re-synced every step, for generation and evaluation
@@ -338,15 +359,11 @@ def _train(args) -> int:
         # groups never straddle ranks (a rank holds whole prompts): the advantages are local
         adv = group_advantages(rewards, group, modes=modes, estimator="bpo" if args.algo == "bpo" else "grpo",
                                nonfinite="zero")
-        # --train-mode-prefix: the forced mode prefix of rollouts with a positive advantage is trained too (its
-        # log-probs are the policy's own), so that the better mode's prefix reaches the mode decision after "<think>"
-        # ("\n" vs "\n\n": one token, forced in both halves, that auto mode samples). Positive only: pushing the
-        # worse mode's token down would spread its probability over every other token (auto mode then writes
-        # "<think>:" or "<think>3"), pushing the better one up takes it from all of them.
+        # BPO's forced halves also train auto mode's decision (the token after "<think>") through the decision
+        # loss in micro_batch_loss: the forced prefix itself is never in the policy loss
         trained = rollouts.policy_mask
-        if args.train_mode_prefix:
-            trained = trained | (rollouts.forced_mask & rollouts.completion_mask & (adv.advantages > 0)[:, None])
         mask = trained & torch.isfinite(rewards)[:, None]  # a failed reward: never trained on
+        decision_target, decision_weight = decision_targets(adv.advantages, modes, group, torch.isfinite(rewards))
         ref_logprobs = None
         if reference is not None:
             with torch.no_grad(), autocast(device, precision):
@@ -398,6 +415,7 @@ def _train(args) -> int:
                     batch = MicroBatch([items[p] for p in sub_items_idx], [prompt_ids[p] for p in sub_items_idx],
                                        sub, adv.advantages[micro], mask[micro], rollouts.logprobs[micro],
                                        None if ref_logprobs is None else ref_logprobs[micro],
+                                       decision, decision_target[micro], decision_weight[micro],
                                        rollout_is_weights=None if is_weights is None else
                                        is_weights[micro])  # fmt: skip
                     with autocast(device, precision):
