@@ -772,3 +772,13 @@ def test_runs_on_the_tensors_device_not_the_current_one(backend):
     assert lp.device == hh.grad.device == torch.device("cuda:1")
     torch.testing.assert_close(lp.cpu(), rlp, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(en.cpu(), ren, rtol=1e-4, atol=1e-4)
+
+
+def test_rollout_helpers_docstring_examples():
+    import doctest
+
+    for fn in (rollout_importance_weights, logprob_mismatch):
+        runner = doctest.DocTestRunner()
+        for t in doctest.DocTestFinder().find(fn):
+            runner.run(t)
+        assert runner.failures == 0 and runner.tries > 0, fn.__name__
