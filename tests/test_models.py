@@ -362,6 +362,19 @@ def test_strict_mode_forces_thinking_with_a_bpe_think_tag(family_dir, name):
     assert torch.isin(out[:, -1], ends).all()  # then the model's wish is allowed
 
 
+@pytest.mark.parametrize("name", FAMILY_PARAMS)
+def test_engine_default_think_end_is_the_templates_marker(family_dir, name):
+    """BPO's rollouts name no think-block markers: the engine's default must find the ``</think>`` token (or its BPE
+    piece covering ``/``), not the close sequence's leading newline."""
+    from r4b_fast.training.evaluation import ModeTokens
+    from r4b_fast.training.rollout import _think_end_default
+
+    model, tok, _ = _load(family_dir(name))
+    t = ModeTokens.from_tokenizer(tok, model)
+    assert _think_end_default(t.think_open, t.no_think, t.think_close) == t.think_end
+    assert t.think_open[0] == t.think_start  # the sampler's default start marker
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the loops' packed forward against the model's own padded forward
 # ---------------------------------------------------------------------------------------------------------------
