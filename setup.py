@@ -37,5 +37,8 @@ setup(
         "liger": ["liger-kernel>=0.5"],
         # the TRL integration overrides GRPOTrainer methods (private ones too): pinned to the minor version tested
         "trl": ["trl>=1.16,<1.17"],
+        # the verl integration registers with verl 0.9's registries and agent loop: pinned to the minor version
+        # tested. verl's own pins (transformers<5.11, tensordict<=0.10) apply; CI installs it --no-deps (.ci/run).
+        "verl": ["verl>=0.9.1,<0.10"],
     },
 )
