@@ -1,8 +1,9 @@
 """Plot a run's curves to PNG: ``python -m r4b_fast.training.plot RUN_DIR [--out FILE]``.
 
 Reads ``RUN_DIR/metrics.jsonl`` and draws, for whichever of them the run logged: the rollouts' reward per mode and
-difficulty, the think rate and accuracy of held-out evaluation (auto mode; forced modes where evaluated), response
-length per mode, KL to the reference, policy entropy and clip fractions. Not the RL loss: on-policy with advantages
+difficulty, the think rate and accuracy of held-out evaluation (auto mode; forced modes where evaluated), BPO's
+p(think) at auto mode's decision, response length per mode, KL to the reference, policy entropy, clip fractions and
+the rollout / training log-prob mismatch. Not the RL loss: on-policy with advantages
 that sum to zero per group it is ~0 by construction; an annealing run (no rewards) gets its SFT loss instead.
 """
 
@@ -18,11 +19,14 @@ PANELS = {
     "rollout reward per mode and difficulty": ("reward/think_easy", "reward/think_hard", "reward/no_think_easy",
                                                "reward/no_think_hard", "reward/all"),
     "held-out auto-mode think rate": ("eval/think_rate_easy", "eval/think_rate_hard"),
+    "auto mode's p(think) at the decision (BPO, training prompts)": ("decision/p_think_easy",
+                                                                     "decision/p_think_hard"),
     "held-out accuracy": ("eval/acc_auto_easy", "eval/acc_auto_hard", "eval/acc_think_hard", "eval/acc_no_think_hard"),
     "rollout length per mode (tokens)": ("length/think", "length/no_think"),
     "KL to the reference (--beta > 0)": ("kl",),
     "policy entropy (nats/token)": ("entropy_mean",),
     "clip fraction": ("clip_frac_low", "clip_frac_high"),
+    "rollout vs training log-probs (|diff|)": ("mismatch/abs_mean", "mismatch/abs_max"),
     "SFT loss (annealing)": ("loss",),
 }
 
@@ -58,7 +62,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     for ax, (title, series) in zip(axes[:, 0], panels.items()):
         for key, points in series.items():
             steps, values = zip(*points)
-            label = key.removeprefix("eval/").removeprefix("reward/")
+            label = key.split("/", 1)[-1]
             if len(points) < 30:  # evaluations: every point
                 ax.plot(steps, values, marker="o", label=label)
                 continue
