@@ -81,6 +81,24 @@ def test_targets_follow_the_better_half_with_its_advantage_sum():
         decision_targets(adv[:5], modes[:5], 6)
 
 
+def test_a_tie_goes_to_the_shorter_half_with_the_tie_weight():
+    # two tied groups (all right; both halves one right, one wrong) and a won one; lengths favour no-think in
+    # the first, thinking in the second
+    adv = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -1.0, -1.0, 1.0, 1.0, 1.0, -1.0, -1.0])
+    modes = torch.tensor([1, 1, 0, 0] * 3)
+    lengths = torch.tensor([12, 14, 5, 5, 4, 6, 9, 9, 20, 20, 5, 5])
+    target, w = decision_targets(adv, modes, 4, lengths=lengths, tie_weight=0.5)
+    assert target.tolist() == [Mode.NO_THINK] * 4 + [Mode.THINK] * 4 + [Mode.THINK] * 4
+    torch.testing.assert_close(w, torch.tensor([0.125] * 8 + [0.5] * 4))
+    # without lengths a tie goes to non-thinking; tie_weight 0: ties train nothing
+    target, w = decision_targets(adv, modes, 4, tie_weight=0.5)
+    assert target[:8].eq(Mode.NO_THINK).all()
+    _, w0 = decision_targets(adv, modes, 4, lengths=lengths)
+    assert w0[:8].abs().max() == 0 and w0[8:].gt(0).all()
+    with pytest.raises(ValueError, match="tie_weight"):
+        decision_targets(adv, modes, 4, tie_weight=-1.0)
+
+
 def test_the_push_fades_once_the_decision_is_made():
     # gradient on the gap: |S| * (1 - p2(better)): full at atrophy (p ~ 0), ~0 once p2(better) ~ 1
     grads = []

@@ -198,6 +198,37 @@ def test_strict_modes_through_the_rollout_engine(model, temperature):
         generate_rollouts(m, PROMPTS[:1], [[Mode.THINK]], **_kw(126, budget=2), min_think_tokens=5)
 
 
+def test_strict_auto_decides_between_the_two_mode_tokens(model):
+    """strict_auto: an AUTO rollout's first sampled token is one of the two tokens where the thinking and
+    non-thinking prefixes part (OPEN[1] / NO_THINK[1] after <think>), drawn with their two-way probabilities (a
+    frequency test over 600 rows), even for a model biased towards a third token there; the recorded log-prob is
+    the full-vocabulary one. Without it the third token wins. Forced rows are untouched."""
+    start, third = OPEN[0], 50
+    bias = torch.zeros(V)
+    bias[third], bias[OPEN[1]], bias[NO_THINK[1]] = 12.0, 2.0, 1.5
+    m = _biased(model, bias)
+    n = 600
+    modes = [[Mode.AUTO] * n + [Mode.THINK, Mode.NO_THINK]]
+    kw = dict(**{**_kw(126), "max_new_tokens": 3}, temperature=1.0, auto_ids=[start])
+    strict = generate_rollouts(m, PROMPTS[:1], modes, **kw, strict_auto=True,
+                               generator=torch.Generator().manual_seed(0))
+    loose = generate_rollouts(m, PROMPTS[:1], modes, **kw, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = m(torch.tensor([PROMPTS[0] + [start]])).logits[0, -1].float()
+    full = torch.log_softmax(logits, -1)
+    p_think = float(torch.softmax(logits[[OPEN[1], NO_THINK[1]]], -1)[0])
+    decisions = strict.completions[:n, 1]
+    assert set(decisions.tolist()) <= {OPEN[1], NO_THINK[1]}
+    freq = float((decisions == OPEN[1]).float().mean())
+    assert abs(freq - p_think) < 4 * (p_think * (1 - p_think) / n) ** 0.5, (freq, p_think)
+    torch.testing.assert_close(strict.logprobs[:n, 1], full[decisions], rtol=1e-4, atol=1e-4)
+    assert float((loose.completions[:n, 1] == third).float().mean()) > 0.9  # what the model alone would write
+    for r, prefix in ((n, OPEN), (n + 1, NO_THINK)):  # forced rows: their prefixes as always
+        assert strict.completions[r, : min(3, len(prefix))].tolist() == prefix[:3]
+    with pytest.raises(ValueError, match="strict_auto: auto_ids"):
+        generate_rollouts(m, PROMPTS[:1], [[Mode.AUTO]], **{**kw, "auto_ids": [start, OPEN[1]]}, strict_auto=True)
+
+
 def test_bad_input(model):
     with pytest.raises(ValueError, match="modes: 2 entries for 3 prompts"):
         generate_rollouts(model, PROMPTS, MODES[:2], **_kw(126))

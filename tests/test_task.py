@@ -298,7 +298,7 @@ def test_shipped_checkpoint_reproduces_its_recorded_evaluation():
     model.eval()
     metrics = evaluate_held_out(model, tok, ImageEncoder.for_model(model, DEFAULT_MODEL), recorded["items"],
                                 seed=recorded["seed"], min_think_tokens=recorded["min_think_tokens"],
-                                no_reopen=recorded["no_reopen"])  # fmt: skip
+                                no_reopen=recorded["no_reopen"], strict_auto=recorded.get("strict_auto", False))
     held_out = sample_items(recorded["items"], recorded["seed"] + 10_000, hard_fraction=0.5, split="eval")
     per_level = min(sum(it.hard for it in held_out), sum(not it.hard for it in held_out))
     checked = 0

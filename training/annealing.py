@@ -325,7 +325,8 @@ def _train(args, device, precision, settings: dict, changes: list[str]) -> int:
     if args.eval_items and args.dataset is None:
         with autocast(device, precision):
             metrics = evaluate_held_out(model, tokenizer, encoder, args.eval_items, seed=args.seed,
-                                        min_think_tokens=args.min_think_tokens, no_reopen=args.no_reopen)
+                                        min_think_tokens=args.min_think_tokens, no_reopen=args.no_reopen,
+                                        strict_auto=args.strict_auto)
         logger.log(args.steps, metrics)
         for prefix in ("eval/", "eval_t1/"):
             print(f"{prefix.rstrip('/')}: " + ", ".join(f"{k.removeprefix(prefix)} {v:.2f}"

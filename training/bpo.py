@@ -122,6 +122,9 @@ def parse_args(argv):
                    help="BPO: weight of the mode-decision loss, which trains the token after '<think>' (auto mode's "
                         "think / no-think decision) towards the forced half with the higher advantage, over those "
                         "two tokens only (training/mode_decision.py); 0: off")  # fmt: skip
+    p.add_argument("--decision-tie", type=float, default=0.5,
+                   help="BPO: a group whose two halves did equally well pushes the decision to the shorter half "
+                        "with this weight (a won group weighs the sum of its winning half's advantages); 0: off")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--ppo-epochs", type=int, default=1)
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per PPO epoch")
@@ -177,6 +180,7 @@ def parse_args(argv):
     check_range(p, "--beta", args.beta, low_inclusive=True)
     check_range(p, "--rollout-is-cap", args.rollout_is_cap)
     check_range(p, "--decision-coef", args.decision_coef, low_inclusive=True)
+    check_range(p, "--decision-tie", args.decision_tie, low_inclusive=True)
     check_range(p, "--hard-fraction", args.hard_fraction, high=1.0, low_inclusive=True)
     if args.prompts * 2 * args.g % (args.mini_batches * args.grad_accum):
         p.error("--mini-batches x --grad-accum must divide the rollouts per step (prompts x 2g)")
@@ -196,8 +200,8 @@ def parse_args(argv):
 # the settings that alter the math of a step: a resume with other values is refused (--allow-changed-settings)
 SETTINGS = ("model", "algo", "prompts", "g", "max_new_tokens", "temperature", "lr", "ppo_epochs", "mini_batches",
             "grad_accum", "clip", "aggregation", "beta", "hard_fraction", "dataset", "on_bad_row",
-            "max_prompt_tokens", "seed", "precision", "min_think_tokens", "no_reopen", "decision_coef",
-            "rollout_is", "rollout_is_cap")
+            "max_prompt_tokens", "seed", "precision", "min_think_tokens", "no_reopen", "strict_auto", "decision_coef",
+            "decision_tie", "rollout_is", "rollout_is_cap")
 
 
 @dataclass
@@ -309,7 +313,8 @@ def _train(args) -> int:
         with autocast(device, precision):
             return evaluate(rollout_model, tokenizer, eval_items, encoder, modes=modes,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                            min_think_tokens=args.min_think_tokens, no_reopen=args.no_reopen)  # fmt: skip
+                            min_think_tokens=args.min_think_tokens, no_reopen=args.no_reopen,
+                            strict_auto=args.strict_auto)  # fmt: skip
 
     if start_step == 0 and eval_items:
         before = evaluate_policy(all_modes=True)
@@ -336,12 +341,14 @@ def _train(args) -> int:
             rollouts = generate_rollouts(
                 rollout_model, prompt_ids, [rollout_modes] * len(items), think_open_ids=tokens.think_open,
                 no_think_ids=tokens.no_think, think_close_ids=tokens.think_close, auto_ids=tokens.auto,
-                eos_id=tokens.eos, pad_id=tokens.pad, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, generator=gen,
+                eos_id=tokens.eos, pad_id=tokens.pad, think_start_id=tokens.think_start,
+                think_end_id=tokens.think_end, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                generator=gen,
                 noise_rows=(rank * local * group, args.prompts * group),  # the global batch's noise, this slice
                 prompt_embeds=prompt_embeddings(rollout_model, prompt_ids, items, tokens.image, encoder),
-                # strict modes: the thinking half always thinks, no think tag after a closed block
-                min_think_tokens=args.min_think_tokens, no_reopen=args.no_reopen,
+                # strict modes: the thinking half always thinks, no think tag after a closed block, auto mode
+                # (GRPO) decides between the two mode tokens
+                min_think_tokens=args.min_think_tokens, no_reopen=args.no_reopen, strict_auto=args.strict_auto,
             )  # fmt: skip
         model.train()
         t_rollout = time.perf_counter() - t0
@@ -363,7 +370,8 @@ def _train(args) -> int:
         # loss in micro_batch_loss: the forced prefix itself is never in the policy loss
         trained = rollouts.policy_mask
         mask = trained & torch.isfinite(rewards)[:, None]  # a failed reward: never trained on
-        decision_target, decision_weight = decision_targets(adv.advantages, modes, group, torch.isfinite(rewards))
+        decision_target, decision_weight = decision_targets(adv.advantages, modes, group, torch.isfinite(rewards),
+                                                            lengths=rollouts.lengths, tie_weight=args.decision_tie)
         ref_logprobs = None
         if reference is not None:
             with torch.no_grad(), autocast(device, precision):

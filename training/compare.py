@@ -116,7 +116,8 @@ def _evaluate(model_dir: Path, args) -> dict[str, float]:
     encoder = ImageEncoder.for_model(model, model_dir)
     # the same items and sampling draws for every model (seed 0); as strict as the runs' rollouts
     return derived(evaluate_held_out(model, tok, encoder, args.eval_items, seed=0, max_new_tokens=args.max_new_tokens,
-                                     min_think_tokens=args.min_think_tokens, no_reopen=args.no_reopen))
+                                     min_think_tokens=args.min_think_tokens, no_reopen=args.no_reopen,
+                                     strict_auto=args.strict_auto))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--min-think-tokens", type=int, default=DEFAULT_MIN_THINK_TOKENS)
     p.add_argument("--no-reopen", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--eval-items", type=int, default=128, help="held-out items (half easy, half hard)")
+    p.add_argument("--strict-auto", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--eval-items", type=int, default=512,
+                   help="held-out items (half easy, half hard; 256 hard items: a rate's sd <= 0.03)")
     p.add_argument("--output-dir", type=Path, default=Path("runs/compare"))
     args = p.parse_args(argv)
     for name in ("steps", "prompts", "g"):
@@ -148,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--max-new-tokens must be positive and --min-think-tokens in [0, --max-new-tokens]")
     args.output_dir.mkdir(parents=True, exist_ok=True)
     common = ["--model", str(args.model), "--max-new-tokens", str(args.max_new_tokens), "--min-think-tokens",
-              str(args.min_think_tokens), "--no-reopen" if args.no_reopen else "--no-no-reopen", "--eval-items", "0",
-              "--overwrite"]  # fmt: skip
+              str(args.min_think_tokens), "--no-reopen" if args.no_reopen else "--no-no-reopen",
+              "--strict-auto" if args.strict_auto else "--no-strict-auto", "--eval-items", "0", "--overwrite"]
     for name in ("steps", "prompts", "g"):
         if getattr(args, name) is not None:
             common += [f"--{name}", str(getattr(args, name))]

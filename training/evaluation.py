@@ -84,13 +84,16 @@ DEFAULT_MIN_THINK_TOKENS = 4
 
 
 def add_strict_mode_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--min-think-tokens`` and ``--no-reopen / --no-no-reopen``, the strict modes of the rollout engine
-    (``generate_rollouts``), shared by both loops. Validate with :func:`check_strict_mode_arguments`."""
+    """``--min-think-tokens``, ``--no-reopen / --no-no-reopen`` and ``--strict-auto / --no-strict-auto``, the strict
+    modes of the rollout engine (``generate_rollouts``), shared by both loops. Validate with
+    :func:`check_strict_mode_arguments`."""
     parser.add_argument("--min-think-tokens", type=int, default=DEFAULT_MIN_THINK_TOKENS,
                         help="forced-thinking rollouts cannot close their think block (nor end) before this many "
                              "sampled tokens (0: off)")  # fmt: skip
     parser.add_argument("--no-reopen", action=argparse.BooleanOptionalAction, default=True,
                         help="after a closed think block, <think> / </think> cannot be sampled")
+    parser.add_argument("--strict-auto", action=argparse.BooleanOptionalAction, default=True,
+                        help="auto mode's first sampled token is one of the two mode tokens (think / no think)")
 
 
 def check_strict_mode_arguments(parser: argparse.ArgumentParser, args) -> None:
@@ -102,10 +105,10 @@ def check_strict_mode_arguments(parser: argparse.ArgumentParser, args) -> None:
 @torch.no_grad()
 def mode_completions(model, tokenizer, tokens: ModeTokens, items: list[Item], mode: Mode, encoder: ImageEncoder, *,
                      max_new_tokens: int, temperature: float = 0.0, seed: int = 0, min_think_tokens: int = 0,
-                     no_reopen: bool = False) -> list[str]:  # fmt: skip
+                     no_reopen: bool = False, strict_auto: bool = False) -> list[str]:  # fmt: skip
     """One completion per item in ``mode`` (its forced prefix included in the text): greedy at ``temperature=0``,
     else sampled with a generator seeded by ``seed`` (the same draws at every evaluation). ``min_think_tokens`` /
-    ``no_reopen``: the rollout engine's strict modes (``generate_rollouts``)."""
+    ``no_reopen`` / ``strict_auto``: the rollout engine's strict modes (``generate_rollouts``)."""
     was_training = model.training
     model.eval()
     prompt_ids = [tokens.prompt_ids(it, encoder.count(model, it)) for it in items]
@@ -116,7 +119,7 @@ def mode_completions(model, tokenizer, tokens: ModeTokens, items: list[Item], mo
         max_new_tokens=max_new_tokens, temperature=temperature,
         generator=torch.Generator().manual_seed(seed + 123_457),  # not any training step's generator
         prompt_embeds=prompt_embeddings(model, prompt_ids, items, tokens.image, encoder),
-        min_think_tokens=min_think_tokens, no_reopen=no_reopen,
+        min_think_tokens=min_think_tokens, no_reopen=no_reopen, strict_auto=strict_auto,
     )  # fmt: skip
     model.train(was_training)
     return completion_texts(tokenizer, rollouts)
@@ -124,7 +127,8 @@ def mode_completions(model, tokenizer, tokens: ModeTokens, items: list[Item], mo
 
 def evaluate(model, tokenizer, items: list[Item], encoder: ImageEncoder, *, modes=(Mode.AUTO,),
              max_new_tokens: int = 40, temperature: float = 0.0, seed: int = 0, prefix: str = "eval",
-             min_think_tokens: int = 0, no_reopen: bool = False) -> dict[str, float]:  # fmt: skip
+             min_think_tokens: int = 0, no_reopen: bool = False,
+             strict_auto: bool = False) -> dict[str, float]:  # fmt: skip
     """``{prefix}/acc_{mode}_{easy,hard,all}`` and ``{prefix}/length_{mode}_{...}`` (mean emitted tokens, forced
     prefix included) for each mode, and ``{prefix}/think_rate_{...}`` of auto mode, over items of that difficulty
     (``all``: items of unknown difficulty). ``min_think_tokens`` / ``no_reopen``: strict modes (forced thinking then
@@ -136,7 +140,7 @@ def evaluate(model, tokenizer, items: list[Item], encoder: ImageEncoder, *, mode
     for mode in modes:
         texts = mode_completions(model, tokenizer, tokens, items, Mode(mode), encoder, max_new_tokens=max_new_tokens,
                                  temperature=temperature, seed=seed, min_think_tokens=min_think_tokens,
-                                 no_reopen=no_reopen)  # fmt: skip
+                                 no_reopen=no_reopen, strict_auto=strict_auto)  # fmt: skip
         for hard, level in ((False, "easy"), (True, "hard"), (None, "all")):
             rows = [(t, it) for t, it in zip(texts, items) if it.hard is hard]
             if not rows:
@@ -152,7 +156,7 @@ def evaluate(model, tokenizer, items: list[Item], encoder: ImageEncoder, *, mode
 
 def evaluate_held_out(model, tokenizer, encoder: ImageEncoder, n_items: int, *, seed: int = 0,
                       max_new_tokens: int = 48, min_think_tokens: int = 0,
-                      no_reopen: bool = False) -> dict[str, float]:  # fmt: skip
+                      no_reopen: bool = False, strict_auto: bool = False) -> dict[str, float]:  # fmt: skip
     """A model on ``n_items`` held-out items of the embedded task (digit tuples training never sees; half easy, half
     hard, drawn with ``seed + 10_000``) in all three modes: greedy (``eval/...``) and sampled at T=1
     (``eval_t1/...``, generator seeded by ``seed``), keys as :func:`evaluate`. Deterministic for a given model,
@@ -165,7 +169,8 @@ def evaluate_held_out(model, tokenizer, encoder: ImageEncoder, n_items: int, *, 
     for temperature, prefix in ((0.0, "eval"), (1.0, "eval_t1")):
         metrics.update(evaluate(model, tokenizer, items, encoder, modes=(Mode.THINK, Mode.NO_THINK, Mode.AUTO),
                                 max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, prefix=prefix,
-                                min_think_tokens=min_think_tokens, no_reopen=no_reopen))  # fmt: skip
+                                min_think_tokens=min_think_tokens, no_reopen=no_reopen,
+                                strict_auto=strict_auto))  # fmt: skip
     return metrics
 
 
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     metrics = evaluate_held_out(model, tok, ImageEncoder.for_model(model, args.model), args.items, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens, min_think_tokens=args.min_think_tokens,
-                                no_reopen=args.no_reopen)  # fmt: skip
+                                no_reopen=args.no_reopen, strict_auto=args.strict_auto)  # fmt: skip
     print("| mode | T | acc easy | acc hard | tokens easy | tokens hard | think rate easy | think rate hard |")
     print("|---|---|---|---|---|---|---|---|")
     for prefix, t in (("eval", "0"), ("eval_t1", "1")):
@@ -207,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{m[f'length_{mode}_easy']:.1f} | {m[f'length_{mode}_hard']:.1f} | {rates[0]} | {rates[1]} |")
     if args.json is not None:
         args.json.write_text(json.dumps({"items": args.items, "seed": args.seed, "min_think_tokens":
-                                         args.min_think_tokens, "no_reopen": args.no_reopen, "metrics": metrics},
+                                         args.min_think_tokens, "no_reopen": args.no_reopen,
+                                         "strict_auto": args.strict_auto, "metrics": metrics},
                                         indent=1, sort_keys=True))  # fmt: skip
     sys.stdout.flush()
     return 0

@@ -58,16 +58,20 @@ class DecisionTokens:
 
 
 def decision_targets(advantages: torch.Tensor, modes: torch.Tensor, group_size: int,
-                     rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     rows: torch.Tensor | None = None, *, lengths: torch.Tensor | None = None,
+                     tie_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per rollout, the decision its group's verdict trains: ``(target [R] int64 Mode, weight [R] float32 >= 0)``,
     ``weight = |S_i| / (rows of group i)`` so that a group weighs ``|S_i|`` whatever its size, 0 for rows not in
-    ``rows`` and for groups without both modes.
+    ``rows`` and for groups without both modes. A tie (``S_i = 0``: both halves equally right) goes to the half
+    with fewer mean ``lengths`` (the non-thinking one without lengths) with group weight ``tie_weight``.
 
     Args:
         advantages: ``[R]`` float, the mixed-group advantages (``R = G * group_size``, groups consecutive).
         modes: ``[R]`` int ``Mode`` (``THINK`` / ``NO_THINK``).
         group_size: rollouts per group (``2g``).
         rows: ``[R]`` bool, the rows that count (default all).
+        lengths: ``[R]`` tokens of each rollout (for ties).
+        tie_weight: a tied group's weight (0: ties train nothing).
 
     Example: ``decision_targets(torch.tensor([1., 1., -1., -1.]), torch.tensor([1, 1, 0, 0]), 4)`` ->
     ``(tensor([1, 1, 1, 1]), tensor([0.5, 0.5, 0.5, 0.5]))``.
@@ -75,6 +79,8 @@ def decision_targets(advantages: torch.Tensor, modes: torch.Tensor, group_size: 
     if advantages.dim() != 1 or advantages.shape != modes.shape or advantages.numel() % group_size:
         raise ValueError(f"advantages / modes: expected equal [G * {group_size}] shapes, got "
                          f"{tuple(advantages.shape)} / {tuple(modes.shape)}")  # fmt: skip
+    if not tie_weight >= 0:
+        raise ValueError(f"tie_weight: expected a number >= 0, got {tie_weight}")
     rows = torch.ones_like(modes, dtype=torch.bool) if rows is None else rows
     adv = torch.where(rows, advantages.detach().float(), 0.0).view(-1, group_size)
     think = (modes == int(Mode.THINK)).view(-1, group_size) & rows.view(-1, group_size)
@@ -82,8 +88,19 @@ def decision_targets(advantages: torch.Tensor, modes: torch.Tensor, group_size: 
     s = (adv * think).sum(1)  # [G]
     both = think.any(1) & no_think.any(1)
     n = (think | no_think).sum(1).clamp_min(1)
-    weight = torch.where(both, s.abs() / n, 0.0)[:, None].expand(-1, group_size)
-    target = torch.where(s > 0, int(Mode.THINK), int(Mode.NO_THINK))[:, None].expand(-1, group_size)
+    # S is a sum of floats that cancel exactly only in exact arithmetic: a tie is |S| below float32 noise
+    tie = s.abs() <= 1e-5 * adv.abs().sum(1).clamp_min(1.0)
+    think_wins = s > 0
+    if lengths is not None:
+        length = lengths.detach().float().view(-1, group_size)
+        mean_think = (length * think).sum(1) / think.sum(1).clamp_min(1)
+        mean_no = (length * no_think).sum(1) / no_think.sum(1).clamp_min(1)
+        think_wins = torch.where(tie, mean_think < mean_no, think_wins)
+    else:
+        think_wins = think_wins & ~tie
+    group_weight = torch.where(tie, torch.full_like(s, float(tie_weight)), s.abs())
+    weight = torch.where(both, group_weight / n, 0.0)[:, None].expand(-1, group_size)
+    target = torch.where(think_wins, int(Mode.THINK), int(Mode.NO_THINK))[:, None].expand(-1, group_size)
     weight = torch.where(think | no_think, weight, 0.0)
     return target.reshape(-1).to(torch.int64), weight.reshape(-1)
 

@@ -142,6 +142,7 @@ def generate_rollouts(
     noise_rows: tuple[int, int] | None = None,
     min_think_tokens: int = 0,
     no_reopen: bool = False,
+    strict_auto: bool = False,
 ) -> RolloutResult:
     """Generate ``sum(len(m) for m in modes)`` rollouts: prompt ``p`` once per entry of ``modes[p]``.
 
@@ -166,6 +167,10 @@ def generate_rollouts(
         no_reopen: once a rollout's think block is closed (NO_THINK's forced empty block, or a closed thinking
             block, AUTO included), ``<think>`` / ``</think>`` (``think_start_id`` / ``think_end_id``) cannot be
             sampled: no think tag after the block. Both as :meth:`ModeState.create`.
+        strict_auto: AUTO rollouts' first sampled token (right after ``auto_ids``) is one of the two tokens where
+            the thinking and non-thinking prefixes part (``"\\n"`` / ``"\\n\\n"`` after ``<think>``): the
+            think / no-think decision, nothing else (a model drifting to ``<think>:`` cannot write a third mode).
+            Its log-prob stays the full-vocabulary one, what the training forward computes.
 
     Returns:
         :class:`RolloutResult`.
@@ -239,6 +244,16 @@ def generate_rollouts(
                              budget=budget, eos_id=eos_id, pad_id=pad_id, auto_ids=auto_ids,
                              think_start_id=think_start_id, think_end_id=think_end_id,
                              min_think_tokens=min_think_tokens, no_reopen=no_reopen)  # fmt: skip
+    decision_step, decision_ids = len(auto_ids), None
+    auto_rows = torch.tensor(row_mode, device=device) == int(Mode.AUTO)
+    if strict_auto and bool(auto_rows.any()):
+        from r4b_fast.training.mode_decision import DecisionTokens
+
+        d = DecisionTokens.from_prefixes(list(think_open_ids), list(no_think_ids))
+        if list(auto_ids) != list(think_open_ids[: d.position]):
+            raise ValueError(f"strict_auto: auto_ids {list(auto_ids)} must be the prefixes' common part "
+                             f"{list(think_open_ids[: d.position])}")  # fmt: skip
+        decision_ids = torch.tensor([d.think, d.no_think], device=device)
     cache = _new_cache(model)
     ckw = _cache_kwarg(model)
     first = dict(attention_mask=attn, position_ids=position, use_cache=True, **{ckw: cache})
@@ -278,8 +293,18 @@ def generate_rollouts(
             lo = noise_rows[0]
             u = torch.rand(noise_rows[1], generator=generator, device=generator.device)[lo : lo + R]
             noise = dict(uniforms=u.to(device))
-        step = sample_with_modes(logits, state, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                 backend=backend, **noise)  # fmt: skip
+        decide = decision_ids is not None and t == decision_step and decision_step < max_new_tokens
+        sampled_logits = logits
+        if decide:  # strict_auto: the AUTO rows choose between the two mode tokens only
+            banned = torch.ones(logits.shape[-1], dtype=torch.bool, device=device)
+            banned[decision_ids] = False
+            sampled_logits = logits.masked_fill(auto_rows[:, None] & banned[None, :], float("-inf"))
+        step = sample_with_modes(sampled_logits, state, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 min_p=min_p, backend=backend, **noise)  # fmt: skip
+        if decide:  # the full-vocabulary log-prob (T = 1 when greedy), as the training forward sees it
+            full = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), -1)
+            step = step._replace(logprobs=torch.where(auto_rows, full.gather(1, step.tokens[:, None])[:, 0],
+                                                      step.logprobs))
         completions[:, t] = step.tokens
         cmask[:, t] = step.active
         fmask[:, t] = step.forced
