@@ -82,21 +82,31 @@ def test_targets_follow_the_better_half_with_its_advantage_sum():
 
 
 def test_a_tie_goes_to_the_shorter_half_with_the_tie_weight():
-    # two tied groups (all right; both halves one right, one wrong) and a won one; lengths favour no-think in
-    # the first, thinking in the second
-    adv = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -1.0, -1.0, 1.0, 1.0, 1.0, -1.0, -1.0])
-    modes = torch.tensor([1, 1, 0, 0] * 3)
-    lengths = torch.tensor([12, 14, 5, 5, 4, 6, 9, 9, 20, 20, 5, 5])
-    target, w = decision_targets(adv, modes, 4, lengths=lengths, tie_weight=0.5)
-    assert target.tolist() == [Mode.NO_THINK] * 4 + [Mode.THINK] * 4 + [Mode.THINK] * 4
-    torch.testing.assert_close(w, torch.tensor([0.125] * 8 + [0.5] * 4))
+    # groups: all right (a tie; lengths favour no-think), all right (lengths favour thinking), a chance tie of mixed
+    # results (no verdict), all wrong (no verdict), a won one
+    adv = torch.tensor([0.0] * 8 + [1.0, -1.0, -1.0, 1.0] + [0.0] * 4 + [1.0, 1.0, -1.0, -1.0])
+    rewards = torch.tensor([1.0] * 8 + [1.0, 0.0, 0.0, 1.0] + [0.0] * 4 + [1.0, 1.0, 0.0, 0.0])
+    modes = torch.tensor([1, 1, 0, 0] * 5)
+    lengths = torch.tensor([12, 14, 5, 5, 4, 6, 9, 9, 20, 20, 5, 5, 20, 20, 5, 5, 20, 20, 5, 5])
+    target, w = decision_targets(adv, modes, 4, rewards=rewards, lengths=lengths, tie_weight=0.5)
+    assert target[:8].tolist() == [Mode.NO_THINK] * 4 + [Mode.THINK] * 4
+    assert target[16:].eq(Mode.THINK).all()
+    torch.testing.assert_close(w, torch.tensor([0.125] * 8 + [0.0] * 8 + [0.5] * 4))
     # without lengths a tie goes to non-thinking; tie_weight 0: ties train nothing
-    target, w = decision_targets(adv, modes, 4, tie_weight=0.5)
-    assert target[:8].eq(Mode.NO_THINK).all()
-    _, w0 = decision_targets(adv, modes, 4, lengths=lengths)
-    assert w0[:8].abs().max() == 0 and w0[8:].gt(0).all()
+    target, w = decision_targets(adv, modes, 4, rewards=rewards, tie_weight=0.5)
+    assert target[:8].eq(Mode.NO_THINK).all() and w[:8].eq(0.125).all()
+    _, w0 = decision_targets(adv, modes, 4, rewards=rewards, lengths=lengths)
+    assert w0[:16].abs().max() == 0 and w0[16:].gt(0).all()
+    # a row without a reward does not break a tie of the others
+    r2 = rewards.clone()
+    r2[1] = float("nan")
+    rows = torch.isfinite(r2)
+    target, w = decision_targets(adv, modes, 4, rows, rewards=r2, lengths=lengths, tie_weight=0.5)
+    torch.testing.assert_close(w[:4], torch.tensor([0.5 / 3, 0.0, 0.5 / 3, 0.5 / 3]))
     with pytest.raises(ValueError, match="tie_weight"):
         decision_targets(adv, modes, 4, tie_weight=-1.0)
+    with pytest.raises(ValueError, match="rewards"):
+        decision_targets(adv, modes, 4, tie_weight=0.5)
 
 
 def test_the_push_fades_once_the_decision_is_made():

@@ -123,8 +123,9 @@ def parse_args(argv):
                         "think / no-think decision) towards the forced half with the higher advantage, over those "
                         "two tokens only (training/mode_decision.py); 0: off")  # fmt: skip
     p.add_argument("--decision-tie", type=float, default=0.5,
-                   help="BPO: a group whose two halves did equally well pushes the decision to the shorter half "
-                        "with this weight (a won group weighs the sum of its winning half's advantages); 0: off")
+                   help="BPO: a group whose every rollout earned the same positive reward (both modes right) "
+                        "pushes the decision to the shorter half with this weight (a won group weighs the sum of its "
+                        "winning half's advantages); 0: off")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--ppo-epochs", type=int, default=1)
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per PPO epoch")
@@ -371,7 +372,8 @@ def _train(args) -> int:
         trained = rollouts.policy_mask
         mask = trained & torch.isfinite(rewards)[:, None]  # a failed reward: never trained on
         decision_target, decision_weight = decision_targets(adv.advantages, modes, group, torch.isfinite(rewards),
-                                                            lengths=rollouts.lengths, tie_weight=args.decision_tie)
+                                                            rewards=rewards, lengths=rollouts.lengths,
+                                                            tie_weight=args.decision_tie)
         ref_logprobs = None
         if reference is not None:
             with torch.no_grad(), autocast(device, precision):

@@ -58,18 +58,23 @@ class DecisionTokens:
 
 
 def decision_targets(advantages: torch.Tensor, modes: torch.Tensor, group_size: int,
-                     rows: torch.Tensor | None = None, *, lengths: torch.Tensor | None = None,
+                     rows: torch.Tensor | None = None, *, rewards: torch.Tensor | None = None,
+                     lengths: torch.Tensor | None = None,
                      tie_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per rollout, the decision its group's verdict trains: ``(target [R] int64 Mode, weight [R] float32 >= 0)``,
     ``weight = |S_i| / (rows of group i)`` so that a group weighs ``|S_i|`` whatever its size, 0 for rows not in
-    ``rows`` and for groups without both modes. A tie (``S_i = 0``: both halves equally right) goes to the half
-    with fewer mean ``lengths`` (the non-thinking one without lengths) with group weight ``tie_weight``.
+    ``rows`` and for groups without both modes. A tie (every rollout of both halves earned the same positive
+    reward: both modes right, e.g. an easy item) goes to the half with fewer mean ``lengths`` (the non-thinking
+    one without lengths) with group weight ``tie_weight``: nothing else pulls an easy item's decision back when
+    what hard items teach carries over to it. A chance tie of mixed results (2 of 4 right in each half) is no
+    verdict: it trains nothing.
 
     Args:
         advantages: ``[R]`` float, the mixed-group advantages (``R = G * group_size``, groups consecutive).
         modes: ``[R]`` int ``Mode`` (``THINK`` / ``NO_THINK``).
         group_size: rollouts per group (``2g``).
         rows: ``[R]`` bool, the rows that count (default all).
+        rewards: ``[R]`` float, the rollouts' rewards (needed for ties).
         lengths: ``[R]`` tokens of each rollout (for ties).
         tie_weight: a tied group's weight (0: ties train nothing).
 
@@ -88,8 +93,15 @@ def decision_targets(advantages: torch.Tensor, modes: torch.Tensor, group_size: 
     s = (adv * think).sum(1)  # [G]
     both = think.any(1) & no_think.any(1)
     n = (think | no_think).sum(1).clamp_min(1)
-    # S is a sum of floats that cancel exactly only in exact arithmetic: a tie is |S| below float32 noise
-    tie = s.abs() <= 1e-5 * adv.abs().sum(1).clamp_min(1.0)
+    if tie_weight > 0 and rewards is None:
+        raise ValueError("rewards: needed to find ties (tie_weight > 0)")
+    tie = torch.zeros_like(both)
+    if rewards is not None:
+        r = rewards.detach().float().view(-1, group_size)
+        inf = torch.tensor(float("inf"), device=r.device)
+        low = torch.where(rows.view(-1, group_size), r, inf).amin(1)
+        high = torch.where(rows.view(-1, group_size), r, -inf).amax(1)
+        tie = (low == high) & (low > 0)
     think_wins = s > 0
     if lengths is not None:
         length = lengths.detach().float().view(-1, group_size)
