@@ -324,11 +324,24 @@ def test_mode_prefixes_come_from_the_template_and_thinking_is_not_a_token_prefix
     assert ("<think>" in tok.get_vocab()) == single
     # tokenized once, from the tokenizer: the ids are what it gives for the strings
     for ids, text in ((tokens.think_open, fmt.mode_prefix[Mode.THINK]),
-                      (tokens.no_think, fmt.mode_prefix[Mode.NO_THINK]), (tokens.think_close, fmt.think_close),
-                      (tokens.auto, fmt.mode_prefix[Mode.AUTO])):  # fmt: skip
+                      (tokens.no_think, fmt.mode_prefix[Mode.NO_THINK]),
+                      (tokens.think_close, fmt.think_close)):  # fmt: skip
         assert ids == tok(text, add_special_tokens=False)["input_ids"]
     # the condition for forced thinking to be forced: the thinking prefix is no token prefix of the non-thinking one
     assert tokens.no_think[: len(tokens.think_open)] != tokens.think_open
+    # auto mode stops where the two part: its next token is the decision BPO's decision loss trains (a byte-level
+    # "<think>" without its own token: "<", "think", then ">\n" or ">\n\n"); the text is the template's auto prefix
+    # or the part of it the forced prefixes share
+    from r4b_fast.training.mode_decision import DecisionTokens
+
+    decision = DecisionTokens.from_prefixes(tokens.think_open, tokens.no_think)
+    assert tokens.auto == tokens.think_open[: decision.position] == tokens.no_think[: decision.position]
+    auto_text, decoded = fmt.mode_prefix[Mode.AUTO], tok.decode(tokens.auto)
+    assert fmt.mode_prefix[Mode.THINK].startswith(decoded) and fmt.mode_prefix[Mode.NO_THINK].startswith(decoded)
+    # the template's own auto text where it ends there (R-4B: "<think>"), shortened (byte-level "<think") or
+    # extended (Qwen3-VL's empty auto prefix: "<think>", as R-4B's) to the shared part
+    assert auto_text.startswith(decoded) or decoded.startswith(auto_text)
+    assert (decoded == auto_text) == (name in ("r4b",)), (name, decoded, auto_text)
     assert tok.decode([tokens.think_start]).startswith("<") and "/" in tok.decode([tokens.think_end])
     # a full prompt: the template's text with one placeholder per feature row
     item = sample_items(1, 0)[0]

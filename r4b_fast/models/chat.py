@@ -196,8 +196,20 @@ class ModeIds:
     @classmethod
     def from_format(cls, fmt: ChatFormat) -> ModeIds:
         close = fmt.think_close
-        start_text = fmt.mode_prefix[Mode.THINK]
-        return cls(fmt.ids(start_text), fmt.ids(fmt.mode_prefix[Mode.NO_THINK]), fmt.ids(close),
-                   fmt.ids(fmt.mode_prefix[Mode.AUTO]),
+        start_text, no_think_text, auto_text = (fmt.mode_prefix[m] for m in (Mode.THINK, Mode.NO_THINK, Mode.AUTO))
+        think_open, no_think, auto = fmt.ids(start_text), fmt.ids(no_think_text), fmt.ids(auto_text)
+        common = []
+        for a, b in zip(think_open, no_think):
+            if a != b:
+                break
+            common.append(a)
+        # Auto mode must stop where the two forced prefixes part, so that its next token is the think / no-think
+        # decision the forced halves train (and strict auto mode restricts). A byte-level BPE without a <think>
+        # token spells "<think>" alone as "<", "think", ">" but "<think>\n" as "<", "think", ">\n": forcing ">"
+        # would put auto mode where annealing never went; it stops at the common "<", "think" instead.
+        if (common and auto != common and start_text.startswith(auto_text) and no_think_text.startswith(auto_text)
+                and len(common) < len(think_open) and len(common) < len(no_think)):
+            auto = common
+        return cls(think_open, no_think, fmt.ids(close), auto,
                    _covering_token(fmt.tokenizer, start_text, start_text.index(THINK_OPEN)),
                    _covering_token(fmt.tokenizer, close, close.index(THINK_CLOSE) + 1))  # fmt: skip
