@@ -13,7 +13,8 @@ How it plugs in (transformers' own extension points, no copied model code):
 - the packed input goes in as ``inputs_embeds [1, T, D]`` with ``position_ids`` ``[1, T]`` (1-D RoPE: LLaVA-OneVision /
   R-4B with a Qwen3 text model) or ``[3, 1, T]`` (M-RoPE: Qwen2.5-VL), as each model's forward accepts them.
 
-Supported families (tested): LLaVA-OneVision with a Qwen3 text model (the R-4B architecture) and Qwen2.5-VL.
+Supported families (tested): LLaVA-OneVision with a Qwen3 text model (the R-4B architecture), Qwen2.5-VL, and
+Qwen3-VL's language model with its DeepStack features (``r4b_fast.models.families``).
 
 Example:
     >>> packed = pack_multimodal(ids, mask, model.get_input_embeddings().weight, vision_embeds,

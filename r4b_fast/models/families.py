@@ -267,7 +267,7 @@ def load_pretrained(path, device, dtype=torch.float32):
     """``(model, tokenizer, family)`` from a model folder (or a hub id) of a supported family, fp32 master weights
     on ``device`` (the loops autocast the compute). R-4B folders load through ``r4b_fast.models.r4b`` (no remote
     code)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
     local = Path(path)
     if local.exists() and not (local / "config.json").exists():
@@ -275,7 +275,8 @@ def load_pretrained(path, device, dtype=torch.float32):
     if local.exists():
         family = detect_family(local)
     else:
-        family = detect_family(AutoConfig.from_pretrained(str(path)))
+        # the raw config.json: AutoConfig would ask for remote code on R-4B's published config (it has an auto_map)
+        family = detect_family(PretrainedConfig.get_config_dict(str(path))[0])
     if family is R4B:  # its own loader: any model_type / auto_map the published config.json carries, no remote code
         from r4b_fast.models.r4b import load_r4b
 
