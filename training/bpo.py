@@ -122,7 +122,7 @@ def parse_args(argv):
                    help="BPO: weight of the mode-decision loss, which trains the token after '<think>' (auto mode's "
                         "think / no-think decision) towards the forced half with the higher advantage, over those "
                         "two tokens only (training/mode_decision.py); 0: off")  # fmt: skip
-    p.add_argument("--decision-tie", type=float, default=0.5,
+    p.add_argument("--decision-tie", type=float, default=0.25,
                    help="BPO: a group whose every rollout earned the same positive reward (both modes right) "
                         "pushes the decision to the shorter half with this weight (a won group weighs the sum of its "
                         "winning half's advantages); 0: off")
