@@ -100,7 +100,7 @@ def test_prefixes_from_the_template(tmp_path):
     tok2 = build_tokenizer()
     tok2.chat_template = CHAT_TEMPLATE.replace("<think>\n\n</think>\n\n{% endif", "<think>\n</think>\n\n{% endif")
     args = BPOConfig(output_dir=str(tmp_path / "o2"), num_generations=4, per_device_train_batch_size=4,
-                     report_to="none", use_cpu=True, loss_type="grpo")  # fmt: skip
+                     report_to="none", use_cpu=True, loss_type="grpo", decision_coef=0.0)  # fmt: skip
     t2 = BPOTrainer(model=tiny_model(tok2), reward_funcs=Recorder(), args=args, train_dataset=dataset(),
                     processing_class=tok2)  # fmt: skip
     assert t2.bpo_prefix_text[Mode.NO_THINK] == "<think>\n</think>\n\n"

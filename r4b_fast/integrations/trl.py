@@ -43,6 +43,8 @@ Needs ``trl`` (``pip install "r4b_fast[trl]"``); importing ``r4b_fast`` never im
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 import types
 from collections.abc import Callable
@@ -54,6 +56,7 @@ from trl import GRPOConfig, GRPOTrainer
 from r4b_fast.modes import Mode
 from r4b_fast.ops.fused_linear_logprobs import fused_linear_policy_loss
 from r4b_fast.ops.group_advantages import group_advantages
+from r4b_fast.training.mode_decision import DecisionTokens, decision_targets, mode_decision_loss
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 DEFAULT_THINK_PREFIX = f"{THINK_OPEN}\n"
@@ -79,6 +82,11 @@ class BPOConfig(GRPOConfig):
         think_prefix: text forced after the generation prompt in thinking mode (default ``"<think>\\n"``).
         no_think_prefix: text forced in non-thinking mode (default: from the chat template's ``enable_thinking=False``,
             else ``"<think>\\n\\n</think>\\n\\n"``).
+        decision_coef: weight of BPO's mode-decision loss (``r4b_fast.training.mode_decision``), which trains auto
+            mode's think / no-think token (where the two prefixes part) towards the forced half that did better;
+            0: off. Only with ``mode_split``.
+        decision_tie: the weight of a tied group (every rollout earned the same positive reward), whose decision
+            goes to the half with the shorter mean completion (``decision_targets``' ``tie_weight``).
 
     TRL options the fused loss does not implement are refused here with the field's name: ``loss_type`` other than
     grpo / bnpo / dr_grpo / dapo, ``delta``, ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
@@ -96,6 +104,8 @@ class BPOConfig(GRPOConfig):
     no_think_prefix: str | None = field(default=None, metadata={"help": "Forced non-thinking prefix."})
     # TRL defaults to True (the KL term times the ratio); BPO's objective is the plain k3 KL, which the loss computes
     use_bias_correction_kl: bool = field(default=False, metadata={"help": "Not supported with beta != 0."})
+    decision_coef: float = field(default=1.0, metadata={"help": "BPO: weight of the mode-decision loss (0: off)."})
+    decision_tie: float = field(default=0.25, metadata={"help": "BPO: a tied group's decision-loss weight."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -126,6 +136,10 @@ class BPOConfig(GRPOConfig):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"BPOConfig.{name}: expected a non-empty string or None, got {value!r}")
+        for name in ("decision_coef", "decision_tie"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"BPOConfig.{name}: expected a finite number >= 0, got {value!r}")
 
 
 def trl_reward(fn: Callable[[str, str], float], answer_column: str = "answer") -> Callable[..., list[float]]:
@@ -171,7 +185,12 @@ def _install_loss_forward(model) -> None:
     """Let ``model(..., r4b_policy_loss=spec)`` return ``fused_linear_policy_loss``'s ``(loss, metrics)`` computed from
     the backbone's last hidden states: the loss runs inside the (possibly wrapped) model's forward, like TRL's fused
     LM head, so data-parallel wrappers see every parameter used in one forward. Other calls go to the previous
-    forward unchanged (generation, TRL's ``fused_lm_head=True`` scoring)."""
+    forward unchanged (generation, TRL's ``fused_lm_head=True`` scoring).
+
+    ``spec["decision"]`` (optional: ``tokens``, ``positions`` ``[B]`` int64 indices into the input of the states
+    that predict each row's decision token, ``targets``, ``weights``, ``coef``) adds ``coef *`` the mode-decision
+    loss with the policy loss's ``normaliser`` and ``temperature``, and its ``decision_loss`` / ``decision_p_think``
+    metrics."""
     previous = model.forward
 
     def forward(self, *args, r4b_policy_loss=None, **kwargs):
@@ -180,8 +199,10 @@ def _install_loss_forward(model) -> None:
         spec = dict(r4b_policy_loss)
         keep = spec.pop("logits_to_keep")
         cast_fp32 = spec.pop("cast_lm_head_to_fp32")
+        decision = spec.pop("decision", None)
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, -keep - 1 : -1]  # states before each target
+        states = self.base_model(*args, **kwargs).last_hidden_state
+        hidden = states[:, -keep - 1 : -1]  # states before each target
         head = self.get_output_embeddings()
         weight, bias = head.weight, head.bias
         if hasattr(weight, "full_tensor"):  # FSDP2 shards the head as a DTensor; the op takes a plain tensor
@@ -190,9 +211,22 @@ def _install_loss_forward(model) -> None:
         hidden = hidden.to(weight.device)
         if cast_fp32:
             with torch.autocast(hidden.device.type, enabled=False):
-                return fused_linear_policy_loss(hidden.float(), weight.float(),
-                                                bias=None if bias is None else bias.float(), **spec)  # fmt: skip
-        return fused_linear_policy_loss(hidden, weight, bias=bias, **spec)
+                loss, metrics = fused_linear_policy_loss(hidden.float(), weight.float(),
+                                                         bias=None if bias is None else bias.float(), **spec)
+        else:
+            loss, metrics = fused_linear_policy_loss(hidden, weight, bias=bias, **spec)
+        if decision is None:
+            return loss, metrics
+        # the decision token is prompt (the forced prefix), so its predicting state sits at a prompt position, one
+        # per row: hand mode_decision_loss those states as a one-position "completion"
+        rows = torch.arange(states.size(0), device=states.device)
+        at = states[rows, decision["positions"].to(states.device)].unsqueeze(1).to(weight.device)  # [B, 1, D]
+        with torch.autocast(at.device.type, enabled=False):  # two logits per row: fp32 whatever the autocast
+            term, m = mode_decision_loss(at.float(), weight, dataclasses.replace(decision["tokens"], position=0),
+                                         decision["targets"], decision["weights"], temperature=spec["temperature"],
+                                         normaliser=spec["normaliser"])  # fmt: skip
+        metrics = {**metrics, "decision_loss": term.detach(), "decision_p_think": m["decision_p_think"].mean()}
+        return loss + decision["coef"] * term, metrics
 
     model.forward = types.MethodType(forward, model)
 
@@ -247,6 +281,7 @@ class BPOTrainer(GRPOTrainer):
                 raise ValueError(f"model: config.{attr}={value} changes the logits after the LM head, which the "
                                  "fused BPO loss does not apply")  # fmt: skip
         self.bpo_prefix_text, self.bpo_prefix_ids = self._mode_prefixes()
+        self.bpo_decision = self._decision_tokens()
         _install_loss_forward(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
 
     # ------------------------------------------------------------------ prefixes
@@ -291,6 +326,25 @@ class BPOTrainer(GRPOTrainer):
             raise ValueError(f"prefix {text!r}: its tokens merge with the end of the generation prompt "
                              f"({context[-20:]!r}), so it cannot be appended to the tokenized prompt")  # fmt: skip
         return after[len(before) :]
+
+    def _decision_tokens(self) -> DecisionTokens | None:
+        """Where the two prefixes part (the decision token, in prefix positions); None when the loss is off."""
+        if not self.args.mode_split or self.args.decision_coef == 0:
+            return None
+        think, no_think = self.bpo_prefix_ids[Mode.THINK], self.bpo_prefix_ids[Mode.NO_THINK]
+        try:
+            tokens = DecisionTokens.from_prefixes(think, no_think)
+        except ValueError as err:
+            raise ValueError(
+                f"BPOConfig.decision_coef: the mode-decision loss needs the prefixes to part at one token, but the "
+                f"thinking prefix {self.bpo_prefix_text[Mode.THINK]!r} ({think}) and the non-thinking prefix "
+                f"{self.bpo_prefix_text[Mode.NO_THINK]!r} ({no_think}) do not (one is a token prefix of the other); "
+                "set decision_coef=0 or use a tokenizer that merges '\\n\\n'"
+            ) from err
+        if self.model.get_output_embeddings().bias is not None:
+            raise ValueError("BPOConfig.decision_coef: the model's LM head has a bias, which the mode-decision loss "
+                             "does not apply; set decision_coef=0")  # fmt: skip
+        return tokens
 
     # ------------------------------------------------------------------ hooks
     def _group_modes(self, num: int, offset: int, n_gen: int) -> list[Mode]:
@@ -347,6 +401,18 @@ class BPOTrainer(GRPOTrainer):
             logged.pop()
         logged.extend(adv.advantages.tolist())
         self._log_mode_metrics(mode, output, modes, rewards, all_modes)
+        if self.bpo_decision is not None:
+            # each group's verdict over all processes (a group may straddle them); rows travel with TRL's shuffle
+            lengths = self.accelerator.gather(output["completion_mask"].sum(1).float())
+            target, weight = decision_targets(adv.advantages, all_modes, n_gen, torch.isfinite(rewards),
+                                              rewards=rewards, lengths=lengths,
+                                              tie_weight=float(self.args.decision_tie))  # fmt: skip
+            local_modes = all_modes[local]
+            prefix_len = torch.where(local_modes == int(Mode.THINK), len(self.bpo_prefix_ids[Mode.THINK]),
+                                     len(self.bpo_prefix_ids[Mode.NO_THINK]))  # fmt: skip
+            output["bpo_decision_target"] = target[local].to(output["advantages"].device)
+            output["bpo_decision_weight"] = weight[local].to(output["advantages"].device)
+            output["bpo_prefix_length"] = prefix_len.to(output["advantages"].device)
         return output
 
     def _log_mode_metrics(self, mode: str, output: dict, local_modes: list[Mode], rewards, all_modes) -> None:
@@ -401,7 +467,22 @@ class BPOTrainer(GRPOTrainer):
         if self.use_vllm and self.vllm_importance_sampling_correction:  # TRL's ratio: [B, T] per token, [B, 1] per seq
             weights = inputs["importance_sampling_ratio"]
             spec["rollout_is_weights"] = weights.squeeze(-1) if weights.size(-1) == 1 else weights
+        if self.bpo_decision is not None and "bpo_decision_target" in inputs:
+            spec["decision"] = dict(tokens=self.bpo_decision, positions=self._decision_positions(inputs),
+                                    targets=inputs["bpo_decision_target"], weights=inputs["bpo_decision_weight"],
+                                    coef=float(self.args.decision_coef))  # fmt: skip
         return spec
+
+    def _decision_positions(self, inputs) -> torch.Tensor:
+        """``[B]`` int64: per row, the index in ``cat(prompt, completion)`` of the hidden state that predicts the
+        decision token. The prompt ends with the row's prefix (left padding, or any padding: the last real prompt
+        token is found from the mask); the decision token is the prefix's token ``position``, so its state is one
+        before it."""
+        mask = inputs["prompt_mask"]
+        index = torch.arange(mask.size(1), device=mask.device)
+        last = torch.where(mask.bool(), index, -1).amax(1)  # the last real prompt token
+        start = last + 1 - inputs["bpo_prefix_length"].to(mask.device)  # where the forced prefix begins
+        return start + self.bpo_decision.position - 1
 
     def _compute_loss(self, model, inputs):
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
@@ -426,4 +507,7 @@ class BPOTrainer(GRPOTrainer):
         self._metrics[mode]["clip_ratio/low_mean"].append(low)
         self._metrics[mode]["clip_ratio/high_mean"].append(high)
         self._metrics[mode]["clip_ratio/region_mean"].append(low + high)  # disjoint: A < 0 vs A > 0
+        if "decision_loss" in metrics:
+            self._metrics[mode]["bpo/decision_loss"].append(mean(metrics["decision_loss"]))
+            self._metrics[mode]["bpo/decision_p_think"].append(mean(metrics["decision_p_think"]))
         return loss
