@@ -15,7 +15,8 @@ from trl import GRPOTrainer  # noqa: E402
 
 from r4b_fast.integrations.trl import BPOConfig, BPOTrainer, thinks, trl_reward  # noqa: E402
 from r4b_fast.modes import Mode  # noqa: E402
-from r4b_fast.ops.fused_linear_logprobs import rollout_importance_weights  # noqa: E402
+from r4b_fast.ops.fused_linear_logprobs import fused_linear_policy_loss, rollout_importance_weights  # noqa: E402
+from r4b_fast.training.mode_decision import decision_targets, mode_decision_loss  # noqa: E402
 from r4b_fast.training.rewards import accuracy_reward  # noqa: E402
 
 CHAT_TEMPLATE = (
@@ -25,13 +26,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(merge_newlines=True) -> PreTrainedTokenizerFast:
+    """``merge_newlines``: "\\n\\n" is one token (as in BPE tokenizers), so the mode prefixes part at a token."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     chars = sorted(set("0123456789+*=, \n?abcdefghijklmnopqrstuvwxyz:"))
     vocab = {t: i for i, t in enumerate(["<|pad|>", "<unk>", *chars, "\n\n"])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n\n|[\s\S]"), behavior="isolated")
+    split = r"\n\n|[\s\S]" if merge_newlines else r"[\s\S]"
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(split), behavior="isolated")
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<|pad|>",
                                   eos_token="<|im_end|>")  # fmt: skip
@@ -73,8 +76,8 @@ class Recorder:
         return out
 
 
-def make_trainer(tmp_path, reward=None, model=None, trainer_kwargs=None, **config):
-    tok = build_tokenizer()
+def make_trainer(tmp_path, reward=None, model=None, trainer_kwargs=None, tok=None, **config):
+    tok = tok or build_tokenizer()
     settings = dict(output_dir=str(tmp_path / "out"), num_generations=4, per_device_train_batch_size=8,
                     max_completion_length=6, learning_rate=1e-2, max_steps=2, logging_steps=1, report_to="none",
                     use_cpu=True, seed=0, save_strategy="no", loss_type="grpo", beta=0.0, temperature=1.0,
@@ -116,6 +119,11 @@ def test_prefixes_from_the_template(tmp_path):
         (dict(beta=0.1, use_bias_correction_kl=True), "use_bias_correction_kl"),
         (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
         (dict(think_prefix=""), "think_prefix"),
+        (dict(decision_coef=-0.5), "decision_coef"),
+        (dict(decision_coef=float("nan")), "decision_coef"),
+        (dict(decision_coef="1"), "decision_coef"),
+        (dict(decision_tie=-0.25), "decision_tie"),
+        (dict(decision_tie=float("inf")), "decision_tie"),
     ],
 )
 def test_config_refuses_what_the_loss_does_not_do(tmp_path, config, match):
@@ -300,3 +308,143 @@ def test_modes_follow_the_global_position(tmp_path):
     assert trainer._group_modes(2, 0, 4) == [T, T] and trainer._group_modes(2, 2, 4) == [N, N]
     assert trainer._group_modes(8, 0, 8) == [T] * 4 + [N] * 4
     assert trainer._group_modes(6, 6, 6) == [T] * 3 + [N] * 3
+
+
+# ---------------------------------------------------------------------------------------------- mode-decision loss
+def mixed_inputs():
+    """Two prompts of different lengths, 4 rollouts each: with the 2- and 4-token prefixes, left padding differs."""
+    items = (("what is 2+3?", "5"), ("what is 12+30, then times 1?", "42"))
+    return [{"prompt": [{"role": "user", "content": q}], "answer": a} for q, a in items for _ in range(4)]
+
+
+def decision_reference(model, dec, out, target, weight, normaliser, shift=0):
+    """mode_decision_loss from a plain forward of the backbone, row by row: each row's forced prefix is located by
+    searching its prompt for the ``<think>`` token, and handed over as the "completion" whose token ``position`` is
+    the decision (``shift`` moves the state off the right one, to show that the comparison tells)."""
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    states = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    open_id = model.config.think_open_id
+    total, p_think = 0.0, []
+    for r in range(ids.size(0)):
+        start = (out["prompt_ids"][r] == open_id).nonzero()[-1].item()  # the prefix starts at <think>
+        hidden = states[r : r + 1, start - 1 + shift :]  # hidden[:, t] predicts the prefix's token t
+        loss, m = mode_decision_loss(hidden, model.lm_head.weight, dec, target[r : r + 1], weight[r : r + 1],
+                                     normaliser=normaliser)  # fmt: skip
+        total = total + loss
+        p_think.append(m["decision_p_think"])
+    return total, torch.cat(p_think)
+
+
+def test_decision_loss_equals_mode_decision_loss_at_the_prompt_position(tmp_path):
+    reward = Recorder()
+    trainer = make_trainer(tmp_path, reward=reward, decision_coef=0.5, decision_tie=0.25)
+    tok, model = trainer.processing_class, trainer.model
+    model.config.think_open_id = tok.convert_tokens_to_ids("<think>")
+    model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    dec = trainer.bpo_decision
+    assert (dec.position, dec.think, dec.no_think) == (1, *tok.convert_tokens_to_ids(["\n", "\n\n"]))
+    out = trainer._generate_and_score_completions(mixed_inputs())
+    assert len(set(out["prompt_mask"].sum(1).tolist())) == 4 and (out["prompt_mask"][:, 0] == 0).any()
+    # targets and weights: decision_targets over each mixed group of 2g, from what the reward function saw
+    (call,) = reward.calls
+    modes = torch.tensor([int(Mode.THINK if m == "think" else Mode.NO_THINK) for m in call["bpo_mode"]])
+    lengths = torch.tensor([float(len(ids)) for ids in call["completion_ids"]])
+    target, weight = decision_targets(out["advantages"], modes, 4, rewards=torch.tensor(call["rewards"]),
+                                      lengths=lengths, tie_weight=0.25)  # fmt: skip
+    assert torch.equal(out["bpo_decision_target"], target) and (weight > 0).all()
+    torch.testing.assert_close(out["bpo_decision_weight"], weight)
+    # the trainer's loss = the policy loss alone + 0.5 * the reference decision term (grpo: / rows * accumulation)
+    model.zero_grad()
+    loss = trainer._compute_loss(model, out)
+    loss.backward()
+    grads = _grads(model)
+    trainer.bpo_decision = None  # the policy loss alone, on the same batch
+    model.zero_grad()
+    policy = trainer._compute_loss(model, out)
+    ref, p_think = decision_reference(model, dec, out, target, weight, normaliser=8 * 2)
+    (policy + 0.5 * ref).backward()
+    metrics = trainer._metrics["train"]
+    assert metrics["bpo/decision_loss"] == [pytest.approx(ref.item(), rel=1e-5)]
+    assert metrics["bpo/decision_p_think"] == [pytest.approx(p_think.mean().item(), rel=1e-5)]
+    torch.testing.assert_close(loss.detach(), (policy + 0.5 * ref).detach(), atol=1e-6, rtol=1e-5)
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    for shift in (-1, 1):  # the state one before or after: a different loss, which the comparison above tells
+        off, _ = decision_reference(model, dec, out, target, weight, normaliser=8 * 2, shift=shift)
+        assert abs(off.item() - ref.item()) > 1e-3 * abs(ref.item()) + 1e-4
+
+
+def think_probability(model, tok) -> torch.Tensor:
+    """p2(think) at auto mode's decision, for each dataset prompt: a plain forward of generation prompt + <think>."""
+    probs = []
+    think, no_think = tok.convert_tokens_to_ids(["\n", "\n\n"])
+    for prompt in dataset()["prompt"]:
+        text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False) + "<think>"
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1]
+        probs.append(torch.softmax(logits[[think, no_think]], 0)[0])
+    return torch.stack(probs)
+
+
+def favour_thinking(completions, bpo_mode, **kwargs):
+    return [1.0 if m == "think" else 0.0 for m in bpo_mode]
+
+
+@pytest.mark.parametrize("coef", [1.0, 0.0])
+def test_a_reward_for_thinking_raises_p_think(tmp_path, coef):
+    """The thinking half always wins: the decision loss raises p(think) after '<think>'; without it (coef 0) the
+    decision barely moves (only the shared weights drift), so the rise is the loss's doing."""
+    trainer = make_trainer(tmp_path, reward=favour_thinking, max_steps=3, decision_coef=coef)
+    tok = trainer.processing_class
+    before = think_probability(trainer.model, tok)
+    trainer.train()
+    after = think_probability(trainer.model, tok)
+    rise = (after - before).min().item()
+    if coef:
+        assert rise > 0.2, (before, after)
+        logs = [h for h in trainer.state.log_history if "bpo/decision_p_think" in h]
+        assert len(logs) == 3 and logs[-1]["bpo/decision_p_think"] > logs[0]["bpo/decision_p_think"]
+    else:
+        assert (after - before).abs().max().item() < 0.05, (before, after)
+        assert not any("bpo/decision_loss" in h for h in trainer.state.log_history)
+
+
+def test_decision_coef_zero_leaves_the_loss_exact(tmp_path):
+    """decision_coef=0 (or mode_split=False): the loss is the fused policy loss alone, bit for bit, and no decision
+    metric is logged; with decision_coef > 0 the same comparison fails."""
+    assert make_trainer(tmp_path, mode_split=False).bpo_decision is None
+    on = make_trainer(tmp_path, decision_coef=1.0)
+    off = make_trainer(tmp_path, decision_coef=0.0)
+    assert off.bpo_decision is None
+    on.model.train()
+    off.model.train()
+    out = on._generate_and_score_completions(mixed_inputs())
+    assert "bpo_decision_target" in out
+    assert "bpo_decision_target" not in off._generate_and_score_completions(mixed_inputs())
+
+    def policy_alone(trainer):
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+        mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+        spec = trainer._policy_loss_spec(out, out["completion_mask"])
+        spec.pop("decision", None)
+        keep, _ = spec.pop("logits_to_keep"), spec.pop("cast_lm_head_to_fp32")
+        states = trainer.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return fused_linear_policy_loss(states[:, -keep - 1 : -1], trainer.model.lm_head.weight, **spec)[0]
+
+    for trainer in (on, off):
+        trainer.current_gradient_accumulation_steps = 1
+    assert torch.equal(off._compute_loss(off.model, out), policy_alone(off))
+    assert "bpo/decision_loss" not in off._metrics["train"]
+    assert not torch.equal(on._compute_loss(on.model, out), policy_alone(on))
+    assert "bpo/decision_loss" in on._metrics["train"]
+
+
+def test_refuses_prefixes_that_do_not_part_at_a_token(tmp_path):
+    """Without a "\\n\\n" token, "<think>\\n" is a token prefix of "<think>\\n\\n</think>\\n\\n": no decision token."""
+    tok = build_tokenizer(merge_newlines=False)
+    with pytest.raises(ValueError, match="decision_coef=0 or use a tokenizer that merges"):
+        make_trainer(tmp_path, tok=tok)
+    assert make_trainer(tmp_path, tok=tok, decision_coef=0.0).bpo_decision is None
