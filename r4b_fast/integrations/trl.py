@@ -16,6 +16,19 @@ forced into non-thinking mode, with advantages normalised over the mixed group o
   weight, run inside the model's forward (so DDP / FSDP / DeepSpeed wrappers see one forward), without the
   ``[T, V]`` logits; TRL's ``loss_type``, ``epsilon`` / ``epsilon_high``, ``beta``, ``temperature``,
   ``entropy_coef``, ``importance_sampling_level`` and vLLM's ``importance_sampling_ratio`` map to its arguments.
+  With the split it adds BPO's mode-decision loss (``r4b_fast.training.mode_decision``, ``BPOConfig.decision_coef``).
+
+The mode-decision loss: the two prefixes part at one token (``"\\n"`` vs ``"\\n\\n"`` after ``<think>`` with a
+tokenizer that merges ``"\\n\\n"``), which auto mode samples: the think / no-think decision. Here that token is
+prompt, so the state that predicts it is at a prompt position: per row, the prefix ends the prompt (its last
+real token, found from ``prompt_mask``: any padding side), the decision is the prefix's token ``k`` (where the two
+prefixes part), and the state one before it predicts it. Targets and
+weights are ``decision_targets`` over each group of ``2g`` (the mixed-group advantages above, the rewards, the
+completion lengths for ties, ``decision_tie``), computed over every process's rollouts when the batch is generated
+and carried as per-row tensors through TRL's shuffle and split. The term is ``decision_coef *
+mode_decision_loss(...)`` with the policy loss's own normaliser for the micro-batch (rows x accumulation steps for
+grpo / dr_grpo, tokens for bnpo / dapo), as ``training/bpo.py`` divides it by its policy loss's normaliser, so
+``decision_coef`` weighs it against the policy loss as there; its two logits are computed in fp32.
 
 Which rollout gets which mode: TRL's sampler repeats each prompt ``num_generations`` times in a row (over all
 processes in process order), so the rollout at global position ``i`` is number ``i % num_generations`` of its group;
@@ -238,10 +251,13 @@ class BPOTrainer(GRPOTrainer):
     Logged per mode (``think`` / ``no_think``) besides TRL's own metrics: ``bpo/{mode}/reward`` (mean over the
     rollouts with a reward), ``bpo/{mode}/completion_length`` (generated tokens, the forced prefix excluded),
     ``bpo/{mode}/think_rate`` (share of rollouts whose response, prefix included, holds a non-empty think block:
-    the thinking half's share that wrote something, the non-thinking half's share that reopened a block).
+    the thinking half's share that wrote something, the non-thinking half's share that reopened a block). With the
+    decision loss: ``bpo/decision_loss`` (the term before ``decision_coef``) and ``bpo/decision_p_think`` (mean
+    two-way p(think) at the decision over the micro-batch's rows), per micro-batch.
 
     Not supported (clear errors): ``tools``, ``environment_factory``, ``rollout_func`` with the split (they bypass or
-    re-tokenize the prompt the prefix goes into); MoE router auxiliary loss; logit soft-capping or logit scaling heads.
+    re-tokenize the prompt the prefix goes into); MoE router auxiliary loss; logit soft-capping or logit scaling heads;
+    with ``decision_coef > 0``: prefixes that do not part at a token, an LM head with a bias.
     With vLLM, TRL's ``importance_sampling_ratio`` (any ``vllm_importance_sampling_mode``) becomes the op's
     ``rollout_is_weights``.
 
