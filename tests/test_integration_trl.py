@@ -336,9 +336,10 @@ def decision_reference(model, dec, out, target, weight, normaliser, shift=0):
     return total, torch.cat(p_think)
 
 
-def test_decision_loss_equals_mode_decision_loss_at_the_prompt_position(tmp_path):
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])
+def test_decision_loss_equals_mode_decision_loss_at_the_prompt_position(tmp_path, loss_type):
     reward = Recorder()
-    trainer = make_trainer(tmp_path, reward=reward, decision_coef=0.5, decision_tie=0.25)
+    trainer = make_trainer(tmp_path, reward=reward, decision_coef=0.5, decision_tie=0.25, loss_type=loss_type)
     tok, model = trainer.processing_class, trainer.model
     model.config.think_open_id = tok.convert_tokens_to_ids("<think>")
     model.train()
@@ -355,7 +356,9 @@ def test_decision_loss_equals_mode_decision_loss_at_the_prompt_position(tmp_path
                                       lengths=lengths, tie_weight=0.25)  # fmt: skip
     assert torch.equal(out["bpo_decision_target"], target) and (weight > 0).all()
     torch.testing.assert_close(out["bpo_decision_weight"], weight)
-    # the trainer's loss = the policy loss alone + 0.5 * the reference decision term (grpo: / rows * accumulation)
+    # the trainer's loss = the policy loss alone + 0.5 * the reference decision term, over the policy loss's
+    # normaliser: rows x accumulation steps (grpo), tokens x accumulation steps (bnpo)
+    normaliser = 8 * 2 if loss_type == "grpo" else out["completion_mask"].sum().float() * 2
     model.zero_grad()
     loss = trainer._compute_loss(model, out)
     loss.backward()
@@ -363,7 +366,7 @@ def test_decision_loss_equals_mode_decision_loss_at_the_prompt_position(tmp_path
     trainer.bpo_decision = None  # the policy loss alone, on the same batch
     model.zero_grad()
     policy = trainer._compute_loss(model, out)
-    ref, p_think = decision_reference(model, dec, out, target, weight, normaliser=8 * 2)
+    ref, p_think = decision_reference(model, dec, out, target, weight, normaliser=normaliser)
     (policy + 0.5 * ref).backward()
     metrics = trainer._metrics["train"]
     assert metrics["bpo/decision_loss"] == [pytest.approx(ref.item(), rel=1e-5)]
@@ -372,7 +375,7 @@ def test_decision_loss_equals_mode_decision_loss_at_the_prompt_position(tmp_path
     for name, grad in _grads(model).items():
         torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     for shift in (-1, 1):  # the state one before or after: a different loss, which the comparison above tells
-        off, _ = decision_reference(model, dec, out, target, weight, normaliser=8 * 2, shift=shift)
+        off, _ = decision_reference(model, dec, out, target, weight, normaliser=normaliser, shift=shift)
         assert abs(off.item() - ref.item()) > 1e-3 * abs(ref.item()) + 1e-4
 
 
@@ -397,7 +400,9 @@ def favour_thinking(completions, bpo_mode, **kwargs):
 def test_a_reward_for_thinking_raises_p_think(tmp_path, coef):
     """The thinking half always wins: the decision loss raises p(think) after '<think>'; without it (coef 0) the
     decision barely moves (only the shared weights drift), so the rise is the loss's doing."""
-    trainer = make_trainer(tmp_path, reward=favour_thinking, max_steps=3, decision_coef=coef)
+    # two micro-batches per generation: the per-row decision targets travel through TRL's shuffle and split
+    trainer = make_trainer(tmp_path, reward=favour_thinking, max_steps=3, decision_coef=coef,
+                           per_device_train_batch_size=4, gradient_accumulation_steps=2)
     tok = trainer.processing_class
     before = think_probability(trainer.model, tok)
     trainer.train()
