@@ -150,3 +150,31 @@ def test_bad_hidden_shape_is_named():
     with pytest.raises(ValueError, match="hidden"):
         mode_decision_loss(torch.zeros(2, 1, 4), torch.zeros(3, 4), DecisionTokens(1, 0, 1), torch.zeros(2),
                            torch.zeros(2))
+
+
+def test_evaluation_splits_forced_accuracy_by_auto_modes_choice(monkeypatch):
+    """evaluate(): with auto and the forced modes, each forced mode's accuracy on the items where auto mode thought /
+    answered directly, from the same items' completions (here scripted per item)."""
+    import r4b_fast.training.evaluation as ev
+    from r4b_fast.training.task import sample_items
+
+    items = sample_items(8, 3, hard_fraction=1.0)
+    scripted = {  # per mode, per item: the completion's text
+        Mode.AUTO: ["<think>\nx\n</think>\n\n"] * 3 + ["<think>\n\n</think>\n\n"] * 5,
+        Mode.NO_THINK: [f"<think>\n\n</think>\n\n{it.answer if i in (0, 3, 4, 5) else 'x'}"
+                        for i, it in enumerate(items)],
+        Mode.THINK: [f"<think>\ns\n</think>\n\n{it.answer if i != 7 else 'x'}" for i, it in enumerate(items)],
+    }  # fmt: skip
+    monkeypatch.setattr(ev, "mode_completions", lambda model, tok, tokens, its, mode, enc, **kw: scripted[mode])
+    monkeypatch.setattr(ev.ModeTokens, "from_tokenizer", classmethod(lambda cls, tok, model=None: None))
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(text)}
+
+    m = ev.evaluate(None, Tok(), items, None, modes=(Mode.AUTO, Mode.NO_THINK, Mode.THINK))
+    assert m["eval/think_rate_hard"] == 3 / 8 and m["eval/auto_skips_hard"] == 5 / 8
+    assert m["eval/acc_no_think_when_auto_thinks_hard"] == 1 / 3  # items 0-2: only 0 right without thinking
+    assert m["eval/acc_no_think_when_auto_skips_hard"] == 3 / 5  # items 3-7: 3, 4, 5 right
+    assert m["eval/acc_think_when_auto_thinks_hard"] == 1.0 and m["eval/acc_think_when_auto_skips_hard"] == 4 / 5
+    assert not any("when_auto" in k for k in ev.evaluate(None, Tok(), items, None, modes=(Mode.NO_THINK,)))

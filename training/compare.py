@@ -25,6 +25,7 @@ ROWS = (
     ("forced non-thinking acc, hard", "acc_no_think_hard"),
     ("auto think rate, easy", "think_rate_easy"),
     ("auto think rate, hard", "think_rate_hard"),
+    ("forced non-thinking acc where auto answers directly, hard", "acc_no_think_when_auto_skips_hard"),
     ("tokens, easy: auto / non-thinking", "ratio_auto_no_think_easy"),
     ("tokens, 50/50 mix: auto / forced thinking", "ratio_auto_think_mix"),
 )

@@ -131,16 +131,24 @@ def evaluate(model, tokenizer, items: list[Item], encoder: ImageEncoder, *, mode
              strict_auto: bool = False) -> dict[str, float]:  # fmt: skip
     """``{prefix}/acc_{mode}_{easy,hard,all}`` and ``{prefix}/length_{mode}_{...}`` (mean emitted tokens, forced
     prefix included) for each mode, and ``{prefix}/think_rate_{...}`` of auto mode, over items of that difficulty
-    (``all``: items of unknown difficulty). ``min_think_tokens`` / ``no_reopen``: strict modes (forced thinking then
-    always thinks; no think tag after a closed block).
+    (``all``: items of unknown difficulty). ``min_think_tokens`` / ``no_reopen`` / ``strict_auto``: strict modes
+    (forced thinking then always thinks; no think tag after a closed block; auto mode picks one of the two modes).
+    With auto and a forced mode both evaluated, also ``{prefix}/acc_{mode}_when_auto_{thinks,skips}_{level}``: the
+    forced mode's accuracy on the items where auto mode thought / answered directly (is auto's choice per item the
+    right one?), and ``{prefix}/auto_skips_{level}``, the share of items it answered directly.
 
     Example: ``evaluate(model, tok, items, encoder, modes=(Mode.THINK,))["eval/acc_think_hard"]`` -> 0.9."""
     tokens = ModeTokens.from_tokenizer(tokenizer, model)
     metrics = {}
+    correct: dict[Mode, list[float]] = {}
+    auto_thought = None
     for mode in modes:
         texts = mode_completions(model, tokenizer, tokens, items, Mode(mode), encoder, max_new_tokens=max_new_tokens,
                                  temperature=temperature, seed=seed, min_think_tokens=min_think_tokens,
                                  no_reopen=no_reopen, strict_auto=strict_auto)  # fmt: skip
+        correct[Mode(mode)] = [accuracy_reward(t, it.answer) for t, it in zip(texts, items)]
+        if mode == Mode.AUTO:
+            auto_thought = [thought(t) for t in texts]
         for hard, level in ((False, "easy"), (True, "hard"), (None, "all")):
             rows = [(t, it) for t, it in zip(texts, items) if it.hard is hard]
             if not rows:
@@ -151,6 +159,18 @@ def evaluate(model, tokenizer, items: list[Item], encoder: ImageEncoder, *, mode
                                                              for t, _ in rows) / len(rows)  # fmt: skip
             if mode == Mode.AUTO:
                 metrics[f"{prefix}/think_rate_{level}"] = sum(thought(t) for t, _ in rows) / len(rows)
+    if auto_thought is not None:
+        for hard, level in ((False, "easy"), (True, "hard"), (None, "all")):
+            at = [i for i, it in enumerate(items) if it.hard is hard]
+            if not at:
+                continue
+            metrics[f"{prefix}/auto_skips_{level}"] = sum(not auto_thought[i] for i in at) / len(at)
+            for mode in (Mode.THINK, Mode.NO_THINK):
+                for choice, chosen in (("thinks", True), ("skips", False)):
+                    idx = [i for i in at if auto_thought[i] is chosen]
+                    if mode in correct and idx:
+                        metrics[f"{prefix}/acc_{mode.name.lower()}_when_auto_{choice}_{level}"] = \
+                            sum(correct[mode][i] for i in idx) / len(idx)
     return metrics
 
 
