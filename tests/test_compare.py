@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from r4b_fast.training.compare import derived, main, summarise, table
+from r4b_fast.training.compare import ROWS, derived, main, summarise, table
 
 
 def test_summary_and_ratios_are_exact():
@@ -35,7 +35,7 @@ def test_compare_short_setting_writes_table_results_and_png(tmp_path, tiny_polic
             assert mean == pytest.approx(statistics.fmean(values)) and sd == pytest.approx(statistics.stdev(values))
         assert (out / f"{algo}-seed1" / "model" / "model.safetensors").exists()
     text = (out / "table.md").read_text()
-    assert text.count("\n") == 2 + 8 and "BPO T=1 (mean ± sd, 2 seeds)" in text
+    assert text.count("\n") == 2 + len(ROWS) == 2 + 9 and "BPO T=1 (mean ± sd, 2 seeds)" in text
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
