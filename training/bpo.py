@@ -321,7 +321,7 @@ def _train(args) -> int:
         before = evaluate_policy(all_modes=True)
         if rank == 0:
             logger.log(0, before)
-            print("before: " + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in sorted(before.items())))
+            print("before: " + _summary(before))
     record = {}
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc=args.algo,
                     disable=None if rank == 0 else True)  # fmt: skip
@@ -489,7 +489,7 @@ def _train(args) -> int:
     logger.close()
     final = {k: v for k, v in record.items() if k.startswith("eval/")}
     if final:
-        print("after:  " + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in sorted(final.items())))
+        print("after:  " + _summary(final))
     rollout_model.save_pretrained(args.output_dir / "model")  # the plain model (world 1: the policy itself)
     tokenizer.save_pretrained(args.output_dir / "model")
     if encoder.image_processor is not None:  # the folder stays loadable with the same image pipeline
@@ -499,6 +499,13 @@ def _train(args) -> int:
 
         print(f"curves: {plot_run(args.output_dir)}")
     return 0
+
+
+def _summary(metrics: dict) -> str:
+    """The evaluation line printed before and after training: accuracy, length and think rate per mode (the per-item
+    splits by auto mode's choice stay in metrics.jsonl)."""
+    return ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in sorted(metrics.items())
+                     if "when_auto" not in k and "auto_skips" not in k)
 
 
 def _reduce_record(record: dict, world: int, device: torch.device) -> dict:
