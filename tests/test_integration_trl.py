@@ -453,3 +453,37 @@ def test_refuses_prefixes_that_do_not_part_at_a_token(tmp_path):
     with pytest.raises(ValueError, match="decision_coef=0 or use a tokenizer that merges"):
         make_trainer(tmp_path, tok=tok)
     assert make_trainer(tmp_path, tok=tok, decision_coef=0.0).bpo_decision is None
+
+
+def test_vllm_server_mode_is_refused_with_the_split(tmp_path):
+    settings = dict(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=4, report_to="none",
+                    use_cpu=True, loss_type="grpo", use_vllm=True, vllm_mode="server")  # fmt: skip
+    with pytest.raises(ValueError, match="vllm_mode"):
+        BPOConfig(**settings)
+    BPOConfig(**{**settings, "mode_split": False})  # plain GRPO: one prompt per group is right
+
+
+def test_rewards_see_think_tags_that_the_tokenizer_marks_special(tmp_path):
+    """The task tokenizer registers <think> / </think> as special tokens, which TRL's decoded completions lose:
+    trl_reward's functions decode the completion ids themselves (the trainer hands them the tokenizer); any other
+    reward function gets a warning."""
+    from r4b_fast.training.rewards import accuracy_reward
+
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})  # as the project's task tokenizer
+    assert "</think>" in tok.all_special_tokens
+    ids = tok("x\n</think>\n\n7", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    stripped = tok.decode(ids, skip_special_tokens=True)  # what TRL passes as the completion
+    assert "</think>" not in stripped
+    reward = trl_reward(accuracy_reward)
+    kw = dict(completions=[stripped], completion_ids=[ids], answer=["7"], bpo_prefix=["<think>\n"])
+    assert reward(**kw) == [0.0]  # without the tokenizer: the answer after </think> is not found
+    trainer = make_trainer(tmp_path, reward=reward, tok=tok)
+    assert reward.tokenizer is trainer.processing_class
+    assert reward(**kw) == [1.0]
+
+    def plain(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    with pytest.warns(UserWarning, match="special tokens"):
+        make_trainer(tmp_path / "w", reward=plain, tok=tok)

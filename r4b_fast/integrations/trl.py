@@ -60,6 +60,7 @@ import dataclasses
 import math
 import re
 import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -139,6 +140,12 @@ class BPOConfig(GRPOConfig):
         if self.importance_sampling_level not in ("token", "sequence"):
             raise ValueError(f"BPOConfig.importance_sampling_level: expected 'token' or 'sequence', "
                              f"got {self.importance_sampling_level!r}")  # fmt: skip
+        if self.mode_split and self.use_vllm and self.vllm_mode == "server":
+            # TRL's server mode sends each group's first prompt once with n = num_generations: every rollout would
+            # follow the thinking prefix, and the non-thinking half would be trained as if it followed its own
+            raise ValueError("BPOConfig.vllm_mode: 'server' generates a whole group from its first prompt, which "
+                             "would put both halves after the thinking prefix; use vllm_mode='colocate' (or "
+                             "transformers generation) with mode_split=True")  # fmt: skip
         if self.mode_split:
             for name in ("num_generations", "num_generations_eval"):
                 n = getattr(self, name)
@@ -170,16 +177,26 @@ def trl_reward(fn: Callable[[str, str], float], answer_column: str = "answer") -
     if not callable(fn):
         raise TypeError(f"fn: expected a callable (response, answer) -> float, got {type(fn).__name__}")
 
-    def reward(completions, bpo_prefix=None, **kwargs):
+    def reward(completions, bpo_prefix=None, completion_ids=None, **kwargs):
         if answer_column not in kwargs:
             raise ValueError(f"answer_column: the dataset has no {answer_column!r} column (columns passed to reward "
                              f"functions: {sorted(kwargs)})")  # fmt: skip
         answers = kwargs[answer_column]
         prefixes = bpo_prefix if bpo_prefix is not None else [""] * len(completions)
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        tok = reward.tokenizer
+        if tok is not None and completion_ids is not None:
+            # TRL's texts lose special tokens (skip_special_tokens=True): a <think> / </think> registered as special
+            # would vanish, so decode the ids keeping them, without eos / padding
+            ends = {tok.eos_token_id, tok.pad_token_id} - {None}
+            texts = [tok.decode([t for t in ids if t not in ends], skip_special_tokens=False)
+                     for ids in completion_ids]  # fmt: skip
+        else:
+            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return [float(fn(p + t, str(a))) for p, t, a in zip(prefixes, texts, answers)]
 
     reward.__name__ = getattr(fn, "__name__", "reward")
+    reward.tokenizer = None  # set by BPOTrainer: completion ids are then decoded with the think tags kept
+    reward._r4b_trl_reward = True
     return reward
 
 
@@ -298,6 +315,19 @@ class BPOTrainer(GRPOTrainer):
                                  "fused BPO loss does not apply")  # fmt: skip
         self.bpo_prefix_text, self.bpo_prefix_ids = self._mode_prefixes()
         self.bpo_decision = self._decision_tokens()
+        # TRL decodes completions with skip_special_tokens=True: a think tag that is a special token vanishes from
+        # the text reward functions get. trl_reward's functions decode the completion ids themselves instead;
+        # any other reward function is told.
+        special = set(getattr(self._tokenizer, "all_special_tokens", []))
+        stripped = sorted(special & {THINK_OPEN, THINK_CLOSE})
+        for fn in self.reward_funcs:
+            if getattr(fn, "_r4b_trl_reward", False):
+                fn.tokenizer = self._tokenizer
+            elif stripped and callable(fn) and not isinstance(fn, torch.nn.Module):
+                warnings.warn(f"reward function {getattr(fn, '__name__', fn)!r}: the tokenizer marks {stripped} as "
+                              "special tokens, which TRL strips from the completions it passes (a think block's "
+                              "tags are gone); decode kwargs['completion_ids'] with skip_special_tokens=False, or "
+                              "wrap a (response, answer) function with trl_reward, which does", stacklevel=2)
         _install_loss_forward(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
 
     # ------------------------------------------------------------------ prefixes
