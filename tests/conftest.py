@@ -31,6 +31,16 @@ def kernel_backends() -> list:
     return params
 
 
+def with_logit_bias(model, bias: torch.Tensor):
+    """``model`` with its LM head replaced by one that adds ``bias`` [V] to every logit (a model that learned, say,
+    to close its think block at once); in place, returned in eval mode."""
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    head.weight.data.copy_(model.lm_head.weight.data)
+    head.bias.data.copy_(bias)
+    model.lm_head = head
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
 def tiny_policy_dir(tmp_path_factory):
     """A random tiny R-4B model saved like an annealed checkpoint (BPO's input), built in seconds; one per test

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from conftest import with_logit_bias
 
 from r4b_fast.training.common import read_metrics
 
@@ -113,11 +114,7 @@ def _close_biased(model, tok):
     alone it closes a think block at once and reopens it after (a model that learned to skip thinking)."""
     bias = torch.zeros(model.lm_head.out_features)
     bias[tok.convert_tokens_to_ids("</think>")], bias[tok.convert_tokens_to_ids("<think>")] = 60.0, 50.0
-    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
-    head.weight.data.copy_(model.lm_head.weight.data)
-    head.bias.data.copy_(bias)
-    model.lm_head = head
-    return model.eval()
+    return with_logit_bias(model, bias)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

@@ -3,6 +3,7 @@ reference (full sequence re-run every step, host-side Python mode processor), lo
 
 import pytest
 import torch
+from conftest import with_logit_bias
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from r4b_fast import Mode
@@ -152,12 +153,7 @@ def _biased(model, bias):
     learned to close its think block at once would have)."""
     import copy
 
-    m = copy.deepcopy(model)
-    head = torch.nn.Linear(m.lm_head.in_features, V, bias=True)
-    head.weight.data.copy_(m.lm_head.weight.data)
-    head.bias.data.copy_(bias)
-    m.lm_head = head
-    return m.eval()
+    return with_logit_bias(copy.deepcopy(model), bias)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
