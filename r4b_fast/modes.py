@@ -4,6 +4,7 @@ R-4B picks the mode by what follows the assistant turn: thinking ``<think>\\n``,
 ``<think>\\n\\n</think>\\n\\n``, auto ``<think>`` (the model decides).
 """
 
+from collections.abc import Sequence
 from enum import IntEnum
 
 
@@ -14,3 +15,12 @@ class Mode(IntEnum):
 
 
 NUM_MODES = len(Mode)
+
+
+def shared_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading token ids ``a`` and ``b`` share: where the thinking and non-thinking prefixes part is auto
+    mode's think / no-think decision. Example: ``shared_prefix_length([5, 9], [5, 11, 6])`` -> 1."""
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r4b_fast.modes import Mode
+from r4b_fast.modes import Mode, shared_prefix_length
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,7 @@ class DecisionTokens:
 
         Example: ``DecisionTokens.from_prefixes([5, 9], [5, 11, 6, 11])`` -> position 1, think 9, no_think 11.
         """
-        k = 0
-        while k < min(len(think_open), len(no_think)) and think_open[k] == no_think[k]:
-            k += 1
+        k = shared_prefix_length(think_open, no_think)
         if k == len(think_open) or k == len(no_think):
             raise ValueError(
                 f"mode prefixes: the thinking prefix {think_open} and the non-thinking prefix {no_think} do not part "

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from r4b_fast.modes import Mode
+from r4b_fast.modes import Mode, shared_prefix_length
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # the documented strings (R-4B, Qwen3): the same as r4b_fast.training.task.MODE_PREFIX / THINK_CLOSE_SEQUENCE
@@ -198,11 +198,7 @@ class ModeIds:
         close = fmt.think_close
         start_text, no_think_text, auto_text = (fmt.mode_prefix[m] for m in (Mode.THINK, Mode.NO_THINK, Mode.AUTO))
         think_open, no_think, auto = fmt.ids(start_text), fmt.ids(no_think_text), fmt.ids(auto_text)
-        common = []
-        for a, b in zip(think_open, no_think):
-            if a != b:
-                break
-            common.append(a)
+        common = think_open[: shared_prefix_length(think_open, no_think)]
         # Auto mode must stop where the two forced prefixes part, so that its next token is the think / no-think
         # decision the forced halves train (and strict auto mode restricts). A byte-level BPE without a <think>
         # token spells "<think>" alone as "<", "think", ">" but "<think>\n" as "<", "think", ">\n": forcing ">"
