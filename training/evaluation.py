@@ -140,30 +140,30 @@ def evaluate(model, tokenizer, items: list[Item], encoder: ImageEncoder, *, mode
     Example: ``evaluate(model, tok, items, encoder, modes=(Mode.THINK,))["eval/acc_think_hard"]`` -> 0.9."""
     tokens = ModeTokens.from_tokenizer(tokenizer, model)
     metrics = {}
+    # item indices per difficulty (``all``: unknown difficulty), shared by every mode and the per-item split
+    levels = {level: [i for i, it in enumerate(items) if it.hard is hard]
+              for hard, level in ((False, "easy"), (True, "hard"), (None, "all"))}  # fmt: skip
+    levels = {level: at for level, at in levels.items() if at}
     correct: dict[Mode, list[float]] = {}
     auto_thought = None
     for mode in modes:
-        texts = mode_completions(model, tokenizer, tokens, items, Mode(mode), encoder, max_new_tokens=max_new_tokens,
+        mode = Mode(mode)
+        texts = mode_completions(model, tokenizer, tokens, items, mode, encoder, max_new_tokens=max_new_tokens,
                                  temperature=temperature, seed=seed, min_think_tokens=min_think_tokens,
                                  no_reopen=no_reopen, strict_auto=strict_auto)  # fmt: skip
-        correct[Mode(mode)] = [accuracy_reward(t, it.answer) for t, it in zip(texts, items)]
+        # per item, scored once: the per-difficulty means and the split by auto mode's choice both read these
+        correct[mode] = [accuracy_reward(t, it.answer) for t, it in zip(texts, items)]
+        lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         if mode == Mode.AUTO:
             auto_thought = [thought(t) for t in texts]
-        for hard, level in ((False, "easy"), (True, "hard"), (None, "all")):
-            rows = [(t, it) for t, it in zip(texts, items) if it.hard is hard]
-            if not rows:
-                continue
-            name = Mode(mode).name.lower()
-            metrics[f"{prefix}/acc_{name}_{level}"] = sum(accuracy_reward(t, it.answer) for t, it in rows) / len(rows)
-            metrics[f"{prefix}/length_{name}_{level}"] = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"])
-                                                             for t, _ in rows) / len(rows)  # fmt: skip
+        name = mode.name.lower()
+        for level, at in levels.items():
+            metrics[f"{prefix}/acc_{name}_{level}"] = sum(correct[mode][i] for i in at) / len(at)
+            metrics[f"{prefix}/length_{name}_{level}"] = sum(lengths[i] for i in at) / len(at)
             if mode == Mode.AUTO:
-                metrics[f"{prefix}/think_rate_{level}"] = sum(thought(t) for t, _ in rows) / len(rows)
+                metrics[f"{prefix}/think_rate_{level}"] = sum(auto_thought[i] for i in at) / len(at)
     if auto_thought is not None:
-        for hard, level in ((False, "easy"), (True, "hard"), (None, "all")):
-            at = [i for i, it in enumerate(items) if it.hard is hard]
-            if not at:
-                continue
+        for level, at in levels.items():
             metrics[f"{prefix}/auto_skips_{level}"] = sum(not auto_thought[i] for i in at) / len(at)
             for mode in (Mode.THINK, Mode.NO_THINK):
                 for choice, chosen in (("thinks", True), ("skips", False)):
