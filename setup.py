@@ -1,10 +1,11 @@
 """Install r4b_fast. See README.md for the two quick-start commands.
 
-The repository keeps Triton kernels, CUDA sources and training loops at the top level (DESIGN.md);
-package_dir maps them into the installed package so users write `r4b_fast.kernels`, `r4b_fast.training`.
+Triton kernels, CUDA sources and training loops live in their own folders inside the package
+(r4b_fast/kernels, r4b_fast/csrc, r4b_fast/training), never at the repository root: a root folder named like a
+PyPI package (transformers >= 5.25 imports the PyPI `kernels`) would shadow it when run from the root.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="r4b_fast",
@@ -13,14 +14,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["r4b_fast", "r4b_fast.ops", "r4b_fast.models", "r4b_fast.integrations", "r4b_fast.kernels",
-              "r4b_fast.training", "r4b_fast.csrc"],
-    package_dir={
-        "r4b_fast": "r4b_fast",
-        "r4b_fast.kernels": "kernels",
-        "r4b_fast.training": "training",
-        "r4b_fast.csrc": "csrc",
-    },
+    packages=find_packages(include=["r4b_fast", "r4b_fast.*"]),
     package_data={"r4b_fast.csrc": ["*.cu", "*.cuh"], "r4b_fast.training": ["assets/annealed/*", "assets/*.md"]},
     # torch is pinned only in the README's install command (CPU wheel from local disk); a range here
     # lets GPU users keep the CUDA build they already have.

@@ -148,7 +148,7 @@ def _jit_kernels_in_source() -> dict:
     """Independent of the check: every ``@triton.jit`` (or autotuned) function named ``*_kernel`` in kernels/*.py,
     found by parsing the source."""
     found = {}
-    for path in sorted((ROOT / "kernels").glob("*.py")):
+    for path in sorted((ROOT / "r4b_fast" / "kernels").glob("*.py")):
         tree = ast.parse(path.read_text())
         for node in tree.body:
             if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel"):
@@ -170,7 +170,7 @@ def test_list_covers_every_kernel(tmp_path):
     assert expected <= launched, f"not launched by any aot_scenarios(): {sorted(expected - launched)}"
     assert all(x["launches"] >= 1 for x in data["launches"])
     # every kernel module is a scenario module (the check would fail otherwise, this names the file)
-    modules = {p.stem for p in (ROOT / "kernels").glob("*.py") if p.stem != "__init__"}
+    modules = {p.stem for p in (ROOT / "r4b_fast" / "kernels").glob("*.py") if p.stem != "__init__"}
     assert modules <= {x["module"].rsplit(".", 1)[-1] for x in data["launches"]}
 
 
