@@ -51,217 +51,57 @@ Example:
     ...                      train_dataset=dataset, processing_class=tokenizer)  # doctest: +SKIP
     >>> trainer.train()  # doctest: +SKIP
 
+Vision-language models (LLaVA-OneVision, R-4B, Qwen2.5-VL, Qwen3-VL) train with images: pass the family's processor
+(``r4b_fast.models.processor_for``, no torchvision needed) as ``processing_class`` and a dataset with an ``image``
+(or ``images``) column; the prefix extends the prompt's per-token ``mm_token_type_ids`` with text, and the training
+forward's token types are rebuilt from the trained ids (:mod:`r4b_fast.integrations.trl_vlm`). Strict modes
+(``BPOConfig.min_think_tokens`` / ``no_reopen`` / ``strict_auto``) run as a logits processor in TRL's generation
+(:mod:`r4b_fast.integrations.trl_strict`).
+
+The code: :mod:`~r4b_fast.integrations.trl_config` (``BPOConfig``, ``trl_reward``, ``thinks``),
+:mod:`~r4b_fast.integrations.trl_prefixes` (prefixes, decision token, strict rules),
+:mod:`~r4b_fast.integrations.trl_loss` (the fused loss in the model's forward), ``trl_vlm``, ``trl_strict``, and
+:class:`BPOTrainer` here.
+
 Needs ``trl`` (``pip install "r4b_fast[trl]"``); importing ``r4b_fast`` never imports this module.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import re
-import types
+import functools
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
+from r4b_fast.integrations.trl_config import (
+    DEFAULT_NO_THINK_PREFIX,
+    DEFAULT_THINK_PREFIX,
+    LOSS_TYPES,
+    MODE_NAMES,
+    THINK_CLOSE,
+    THINK_OPEN,
+    BPOConfig,
+    thinks,
+    trl_reward,
+)
+from r4b_fast.integrations.trl_loss import install_loss_forward, policy_loss_spec
+from r4b_fast.integrations.trl_prefixes import PrefixMixin
+from r4b_fast.integrations.trl_strict import EXTRA_ARGS_KEY, StrictModesLogitsProcessor, StrictRules, violations
+from r4b_fast.integrations.trl_vlm import check_vision, extend_token_types
 from r4b_fast.modes import Mode
-from r4b_fast.ops.fused_linear_logprobs import fused_linear_policy_loss
 from r4b_fast.ops.group_advantages import group_advantages
-from r4b_fast.training.mode_decision import DecisionTokens, decision_targets, mode_decision_loss
+from r4b_fast.training.mode_decision import decision_targets
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-DEFAULT_THINK_PREFIX = f"{THINK_OPEN}\n"
-DEFAULT_NO_THINK_PREFIX = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
-MODE_NAMES = {Mode.THINK: "think", Mode.NO_THINK: "no_think", Mode.AUTO: "auto"}
+__all__ = ["BPOConfig", "BPOTrainer", "StrictModesLogitsProcessor", "StrictRules", "thinks", "trl_reward",
+           "DEFAULT_THINK_PREFIX", "DEFAULT_NO_THINK_PREFIX", "LOSS_TYPES", "MODE_NAMES"]
 
-# TRL loss_type -> our aggregation (the normaliser that makes it TRL's is chosen per micro-batch in _compute_loss)
-LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
-              "dapo": "token-mean"}  # fmt: skip
 # model inputs TRL puts into the batch for vision-language models (passed to the forward whole: no chunking here)
 _FORWARD_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                  "token_type_ids", "mm_token_type_ids", "image_position_ids")  # fmt: skip
-_THINK_BLOCK = re.compile(re.escape(THINK_OPEN) + r"(.*?)(?:" + re.escape(THINK_CLOSE) + r"|$)", re.S)
 
 
-@dataclass
-class BPOConfig(GRPOConfig):
-    """``trl.GRPOConfig`` plus BPO's settings. ``num_generations`` is ``2g``: ``g`` thinking + ``g`` non-thinking.
-
-    Args (besides every ``GRPOConfig`` field):
-        mode_split: True (BPO): half of each group forced into each mode, ``estimator="bpo"``. False: plain GRPO
-            (no prefix, ``estimator="grpo"``, mode auto) with this class's fused loss: TRL's GRPO numbers.
-        think_prefix: text forced after the generation prompt in thinking mode (default ``"<think>\\n"``).
-        no_think_prefix: text forced in non-thinking mode (default: from the chat template's ``enable_thinking=False``,
-            else ``"<think>\\n\\n</think>\\n\\n"``).
-        decision_coef: weight of BPO's mode-decision loss (``r4b_fast.training.mode_decision``), which trains auto
-            mode's think / no-think token (where the two prefixes part) towards the forced half that did better;
-            0: off. Only with ``mode_split``.
-        decision_tie: the weight of a tied group (every rollout earned the same positive reward), whose decision
-            goes to the half with the shorter mean completion (``decision_targets``' ``tie_weight``).
-
-    TRL options the fused loss does not implement are refused here with the field's name: ``loss_type`` other than
-    grpo / bnpo / dr_grpo / dapo, ``delta``, ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
-    ``use_adaptive_entropy``, ``use_bias_correction_kl`` with ``beta != 0`` (default False here,
-    True in TRL), ``multi_objective_aggregation`` other
-    than ``"sum_then_normalize"``, and an odd ``num_generations`` (or ``num_generations_eval``) with the split.
-
-    Example:
-        >>> BPOConfig(output_dir="out", num_generations=4, loss_type="grpo").mode_split  # doctest: +SKIP
-        True
-    """
-
-    mode_split: bool = field(default=True, metadata={"help": "BPO: g thinking + g non-thinking rollouts per prompt."})
-    think_prefix: str | None = field(default=None, metadata={"help": "Forced thinking prefix (default '<think>\\n')."})
-    no_think_prefix: str | None = field(default=None, metadata={"help": "Forced non-thinking prefix."})
-    # TRL defaults to True (the KL term times the ratio); BPO's objective is the plain k3 KL, which the loss computes
-    use_bias_correction_kl: bool = field(default=False, metadata={"help": "Not supported with beta != 0."})
-    decision_coef: float = field(default=1.0, metadata={"help": "BPO: weight of the mode-decision loss (0: off)."})
-    decision_tie: float = field(default=0.25, metadata={"help": "BPO: a tied group's decision-loss weight."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"BPOConfig.loss_type: expected one of {sorted(LOSS_TYPES)}, got {self.loss_type!r}")
-        refused = {
-            "delta": self.delta is not None,
-            "top_entropy_quantile": self.top_entropy_quantile < 1.0,
-            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
-            "use_adaptive_entropy": self.use_adaptive_entropy,
-            "use_bias_correction_kl": self.use_bias_correction_kl and self.beta != 0.0,
-            "multi_objective_aggregation": self.multi_objective_aggregation != "sum_then_normalize",
-        }
-        for name, bad in refused.items():
-            if bad:
-                raise ValueError(f"BPOConfig.{name}: {getattr(self, name)!r} is not supported by the fused BPO loss "
-                                 "(leave it at its default)")  # fmt: skip
-        if self.importance_sampling_level not in ("token", "sequence"):
-            raise ValueError(f"BPOConfig.importance_sampling_level: expected 'token' or 'sequence', "
-                             f"got {self.importance_sampling_level!r}")  # fmt: skip
-        if self.mode_split and self.use_vllm and self.vllm_mode == "server":
-            # TRL's server mode sends each group's first prompt once with n = num_generations: every rollout would
-            # follow the thinking prefix, and the non-thinking half would be trained as if it followed its own
-            raise ValueError("BPOConfig.vllm_mode: 'server' generates a whole group from its first prompt, which "
-                             "would put both halves after the thinking prefix; use vllm_mode='colocate' (or "
-                             "transformers generation) with mode_split=True")  # fmt: skip
-        if self.mode_split:
-            for name in ("num_generations", "num_generations_eval"):
-                n = getattr(self, name)
-                if n is not None and n % 2:
-                    raise ValueError(f"BPOConfig.{name}: BPO splits each group into two equal halves (g thinking + "
-                                     f"g non-thinking), so it must be even, got {n}")  # fmt: skip
-        for name in ("think_prefix", "no_think_prefix"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f"BPOConfig.{name}: expected a non-empty string or None, got {value!r}")
-        for name in ("decision_coef", "decision_tie"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"BPOConfig.{name}: expected a finite number >= 0, got {value!r}")
-
-
-def trl_reward(fn: Callable[[str, str], float], answer_column: str = "answer") -> Callable[..., list[float]]:
-    """A TRL reward function from a ``(response, answer) -> float`` one, the response being the forced mode prefix
-    plus TRL's completion (so ``accuracy_reward`` finds the answer after ``</think>`` in both modes).
-
-    Conversational completions (``[{"role": "assistant", "content": ...}]``) use their content.
-
-    Example:
-        >>> from r4b_fast.training.rewards import accuracy_reward
-        >>> reward = trl_reward(accuracy_reward)
-        >>> reward(completions=["x\\n</think>\\n\\n7", "7"], answer=["7", "8"], bpo_prefix=["<think>\\n", ""])
-        [1.0, 0.0]
-    """
-    if not callable(fn):
-        raise TypeError(f"fn: expected a callable (response, answer) -> float, got {type(fn).__name__}")
-
-    def reward(completions, bpo_prefix=None, completion_ids=None, **kwargs):
-        if answer_column not in kwargs:
-            raise ValueError(f"answer_column: the dataset has no {answer_column!r} column (columns passed to reward "
-                             f"functions: {sorted(kwargs)})")  # fmt: skip
-        answers = kwargs[answer_column]
-        prefixes = bpo_prefix if bpo_prefix is not None else [""] * len(completions)
-        tok = reward.tokenizer
-        if tok is not None and completion_ids is not None:
-            # TRL's texts lose special tokens (skip_special_tokens=True): a <think> / </think> registered as special
-            # would vanish, so decode the ids keeping them, without eos / padding
-            ends = {tok.eos_token_id, tok.pad_token_id} - {None}
-            texts = [tok.decode([t for t in ids if t not in ends], skip_special_tokens=False)
-                     for ids in completion_ids]  # fmt: skip
-        else:
-            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [float(fn(p + t, str(a))) for p, t, a in zip(prefixes, texts, answers)]
-
-    reward.__name__ = getattr(fn, "__name__", "reward")
-    reward.tokenizer = None  # set by BPOTrainer: completion ids are then decoded with the think tags kept
-    reward._r4b_trl_reward = True
-    return reward
-
-
-def thinks(response: str) -> bool:
-    """The response holds a think block with something in it (closed or not): the thinking half's prefix opens one,
-    the non-thinking half's is empty, so only a block it writes itself counts there.
-
-    Example:
-        >>> thinks("<think>\\n3*5=15\\n</think>\\n\\n15"), thinks("<think>\\n\\n</think>\\n\\n15")
-        (True, False)
-    """
-    return any(m.group(1).strip() for m in _THINK_BLOCK.finditer(response))
-
-
-def _install_loss_forward(model) -> None:
-    """Let ``model(..., r4b_policy_loss=spec)`` return ``fused_linear_policy_loss``'s ``(loss, metrics)`` computed from
-    the backbone's last hidden states: the loss runs inside the (possibly wrapped) model's forward, like TRL's fused
-    LM head, so data-parallel wrappers see every parameter used in one forward. Other calls go to the previous
-    forward unchanged (generation, TRL's ``fused_lm_head=True`` scoring).
-
-    ``spec["decision"]`` (optional: ``tokens``, ``positions`` ``[B]`` int64 indices into the input of the states
-    that predict each row's decision token, ``targets``, ``weights``, ``coef``) adds ``coef *`` the mode-decision
-    loss with the policy loss's ``normaliser`` and ``temperature``, and its ``decision_loss`` / ``decision_p_think``
-    metrics."""
-    previous = model.forward
-
-    def forward(self, *args, r4b_policy_loss=None, **kwargs):
-        if r4b_policy_loss is None:
-            return previous(*args, **kwargs)
-        spec = dict(r4b_policy_loss)
-        keep = spec.pop("logits_to_keep")
-        cast_fp32 = spec.pop("cast_lm_head_to_fp32")
-        decision = spec.pop("decision", None)
-        kwargs["use_cache"] = False
-        states = self.base_model(*args, **kwargs).last_hidden_state
-        hidden = states[:, -keep - 1 : -1]  # states before each target
-        head = self.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if hasattr(weight, "full_tensor"):  # FSDP2 shards the head as a DTensor; the op takes a plain tensor
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if bias is not None else None
-        hidden = hidden.to(weight.device)
-        if cast_fp32:
-            with torch.autocast(hidden.device.type, enabled=False):
-                loss, metrics = fused_linear_policy_loss(hidden.float(), weight.float(),
-                                                         bias=None if bias is None else bias.float(), **spec)
-        else:
-            loss, metrics = fused_linear_policy_loss(hidden, weight, bias=bias, **spec)
-        if decision is None:
-            return loss, metrics
-        # the decision token is prompt (the forced prefix), so its predicting state sits at a prompt position, one
-        # per row: hand mode_decision_loss those states as a one-position "completion"
-        rows = torch.arange(states.size(0), device=states.device)
-        at = states[rows, decision["positions"].to(states.device)].unsqueeze(1).to(weight.device)  # [B, 1, D]
-        with torch.autocast(at.device.type, enabled=False):  # two logits per row: fp32 whatever the autocast
-            term, m = mode_decision_loss(at.float(), weight, dataclasses.replace(decision["tokens"], position=0),
-                                         decision["targets"], decision["weights"], temperature=spec["temperature"],
-                                         normaliser=spec["normaliser"])  # fmt: skip
-        metrics = {**metrics, "decision_loss": term.detach(), "decision_p_think": m["decision_p_think"].mean()}
-        return loss + decision["coef"] * term, metrics
-
-    model.forward = types.MethodType(forward, model)
-
-
-class BPOTrainer(GRPOTrainer):
+class BPOTrainer(PrefixMixin, GRPOTrainer):
     """``trl.GRPOTrainer`` running BPO (see the module docstring); every ``GRPOTrainer`` argument works the same, with
     a :class:`BPOConfig` as ``args``.
 
@@ -270,17 +110,21 @@ class BPOTrainer(GRPOTrainer):
     ``bpo/{mode}/think_rate`` (share of rollouts whose response, prefix included, holds a non-empty think block:
     the thinking half's share that wrote something, the non-thinking half's share that reopened a block). With the
     decision loss: ``bpo/decision_loss`` (the term before ``decision_coef``) and ``bpo/decision_p_think`` (mean
-    two-way p(think) at the decision over the micro-batch's rows), per micro-batch.
+    two-way p(think) at the decision over the micro-batch's rows), per micro-batch. With strict modes:
+    ``strict/constrained_frac``, ``strict/logp_mismatch/{mean,max}`` (transformers generation).
 
-    Not supported (clear errors): ``tools``, ``environment_factory``, ``rollout_func`` with the split (they bypass or
-    re-tokenize the prompt the prefix goes into); MoE router auxiliary loss; logit soft-capping or logit scaling heads;
-    with ``decision_coef > 0``: prefixes that do not part at a token, an LM head with a bias.
+    Refused when built (clear errors naming the field, before any forward): ``tools``, ``environment_factory``,
+    ``rollout_func`` with the split (they bypass or re-tokenize the prompt the prefix goes into); MoE router
+    auxiliary loss; logit soft-capping or logit scaling heads; with ``decision_coef > 0``: prefixes that do not part
+    at a token, an LM head with a bias; images without a processor, a processor for a model outside the supported
+    families, a processor whose image placeholder is not the model's, video columns; strict modes with
+    ``use_transformers_continuous_batching`` or vLLM server mode; and every ``BPOConfig`` refusal.
     With vLLM, TRL's ``importance_sampling_ratio`` (any ``vllm_importance_sampling_mode``) becomes the op's
     ``rollout_is_weights``.
 
     Example:
         >>> trainer = BPOTrainer(model=model, reward_funcs=reward, args=BPOConfig(output_dir="out", num_generations=4),
-        ...                      train_dataset=dataset, processing_class=tokenizer)  # doctest: +SKIP
+        ...                      train_dataset=dataset, processing_class=processor)  # doctest: +SKIP
         >>> trainer.train()  # doctest: +SKIP
     """
 
@@ -300,9 +144,26 @@ class BPOTrainer(GRPOTrainer):
                 if kwargs.get(name):
                     raise ValueError(f"{name}: not supported with BPOConfig.mode_split=True (the mode prefix is "
                                      "appended to TRL's tokenized prompt, which these bypass or re-tokenize)")
+        if args.strict and kwargs.get("rollout_func"):
+            raise ValueError("rollout_func: generates outside TRL's generation, where strict modes apply")
         self._bpo_local_modes: list[Mode] | None = None
         self._bpo_rewards_per_func: torch.Tensor | None = None
         super().__init__(model, reward_funcs, args, **kwargs)
+        self._check_model()
+        self.bpo_vision = check_vision(self.model, self.processing_class,
+                                       [kwargs.get("train_dataset"), kwargs.get("eval_dataset")])  # fmt: skip
+        self.bpo_prefix_text, self.bpo_prefix_ids = self._mode_prefixes()
+        self.bpo_decision = self._decision_tokens()
+        self.bpo_strict_rules = self._strict_rules()
+        self.bpo_strict = StrictModesLogitsProcessor(self.bpo_strict_rules) if self.bpo_strict_rules else None
+        if self.bpo_strict is not None and self.use_vllm:  # colocate (BPOConfig refuses the server): per request
+            gen = self.vllm_generation
+            gen.generation_kwargs = {**(gen.generation_kwargs or {}),
+                                     "extra_args": {EXTRA_ARGS_KEY: self.bpo_strict_rules.to_dict()}}  # fmt: skip
+        self._connect_rewards()
+        install_loss_forward(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
+
+    def _check_model(self) -> None:
         if self.aux_loss_enabled:
             raise ValueError("BPOConfig.router_aux_loss_coef: the MoE load-balancing loss is not supported by the "
                              "fused BPO loss; set it to 0.0")  # fmt: skip
@@ -313,8 +174,8 @@ class BPOTrainer(GRPOTrainer):
             if value is not None and value != 1.0:
                 raise ValueError(f"model: config.{attr}={value} changes the logits after the LM head, which the "
                                  "fused BPO loss does not apply")  # fmt: skip
-        self.bpo_prefix_text, self.bpo_prefix_ids = self._mode_prefixes()
-        self.bpo_decision = self._decision_tokens()
+
+    def _connect_rewards(self) -> None:
         # TRL decodes completions with skip_special_tokens=True: a think tag that is a special token vanishes from
         # the text reward functions get. trl_reward's functions decode the completion ids themselves instead;
         # any other reward function is told.
@@ -327,70 +188,7 @@ class BPOTrainer(GRPOTrainer):
                 warnings.warn(f"reward function {getattr(fn, '__name__', fn)!r}: the tokenizer marks {stripped} as "
                               "special tokens, which TRL strips from the completions it passes (a think block's "
                               "tags are gone); decode kwargs['completion_ids'] with skip_special_tokens=False, or "
-                              "wrap a (response, answer) function with trl_reward, which does", stacklevel=2)
-        _install_loss_forward(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
-
-    # ------------------------------------------------------------------ prefixes
-    def _render_generation_prompt(self, **template_kwargs) -> str | None:
-        """The chat template's rendering of a one-message conversation up to the generation prompt (None: no
-        template), with TRL's chat_template_kwargs and ``template_kwargs`` on top."""
-        if getattr(self.processing_class, "chat_template", None) is None and self._tokenizer.chat_template is None:
-            return None
-        content = [{"type": "text", "text": "x"}] if self._is_vlm else "x"
-        kwargs = {**self.chat_template_kwargs, **template_kwargs}
-        return self.processing_class.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                         add_generation_prompt=True, **kwargs)  # fmt: skip
-
-    def _mode_prefixes(self) -> tuple[dict[Mode, str], dict[Mode, list[int]]]:
-        base = self._render_generation_prompt()
-        if base is not None and (THINK_CLOSE in base.rsplit("x", 1)[-1] or base.rstrip().endswith(THINK_OPEN)):
-            raise ValueError("chat_template_kwargs / chat template: the generation prompt already fixes a mode "
-                             f"(it ends {base[-40:]!r}); BPO appends each mode's prefix itself, so leave the mode open "
-                             "(e.g. no enable_thinking=False)")  # fmt: skip
-        no_think = self.args.no_think_prefix
-        if no_think is None and base is not None:
-            try:
-                off = self._render_generation_prompt(enable_thinking=False)
-            except Exception:  # a template that rejects the flag has no switch: fall back to R-4B's block
-                off = base
-            tail = off[len(base) :] if off.startswith(base) else ""
-            no_think = tail if THINK_CLOSE in tail else None
-        texts = {Mode.THINK: self.args.think_prefix or DEFAULT_THINK_PREFIX,
-                 Mode.NO_THINK: no_think or DEFAULT_NO_THINK_PREFIX}  # fmt: skip
-        ids = {}
-        for mode, text in texts.items():
-            ids[mode] = self._prefix_ids(base if base is not None else "", text)
-        return texts, ids
-
-    def _prefix_ids(self, context: str, text: str) -> list[int]:
-        """``text``'s ids right after ``context`` (the rendered generation prompt): tokenized in context, so BPE
-        merges at the boundary are those the model sees."""
-        tok = self._tokenizer
-        before = tok(context, add_special_tokens=False)["input_ids"]
-        after = tok(context + text, add_special_tokens=False)["input_ids"]
-        if after[: len(before)] != before or len(after) == len(before):
-            raise ValueError(f"prefix {text!r}: its tokens merge with the end of the generation prompt "
-                             f"({context[-20:]!r}), so it cannot be appended to the tokenized prompt")  # fmt: skip
-        return after[len(before) :]
-
-    def _decision_tokens(self) -> DecisionTokens | None:
-        """Where the two prefixes part (the decision token, in prefix positions); None when the loss is off."""
-        if not self.args.mode_split or self.args.decision_coef == 0:
-            return None
-        think, no_think = self.bpo_prefix_ids[Mode.THINK], self.bpo_prefix_ids[Mode.NO_THINK]
-        try:
-            tokens = DecisionTokens.from_prefixes(think, no_think)
-        except ValueError as err:
-            raise ValueError(
-                f"BPOConfig.decision_coef: the mode-decision loss needs the prefixes to part at one token, but the "
-                f"thinking prefix {self.bpo_prefix_text[Mode.THINK]!r} ({think}) and the non-thinking prefix "
-                f"{self.bpo_prefix_text[Mode.NO_THINK]!r} ({no_think}) do not (one is a token prefix of the other); "
-                "set decision_coef=0 or use a tokenizer that merges '\\n\\n'"
-            ) from err
-        if self.model.get_output_embeddings().bias is not None:
-            raise ValueError("BPOConfig.decision_coef: the model's LM head has a bias, which the mode-decision loss "
-                             "does not apply; set decision_coef=0")  # fmt: skip
-        return tokens
+                              "wrap a (response, answer) function with trl_reward, which does", stacklevel=3)
 
     # ------------------------------------------------------------------ hooks
     def _group_modes(self, num: int, offset: int, n_gen: int) -> list[Mode]:
@@ -404,14 +202,54 @@ class BPOTrainer(GRPOTrainer):
         modes = self._bpo_local_modes
         if modes is None or len(modes) != len(prompt_ids):
             raise RuntimeError("BPOTrainer: prompts tokenized outside _generate_and_score_completions")
-        if not self.args.mode_split:
-            return prompt_ids, images, multimodal_fields
-        prompt_ids = [list(ids) + self.bpo_prefix_ids[m] for ids, m in zip(prompt_ids, modes)]
-        for key in ("token_type_ids", "mm_token_type_ids"):  # per-token fields: the prefix holds no image token
-            if key in multimodal_fields:
-                raise NotImplementedError(f"BPOTrainer: processors that return per-token {key} are not supported "
-                                          "with the mode split yet")  # fmt: skip
+        prefixes = [self.bpo_prefix_ids.get(m, []) if self.args.mode_split else [] for m in modes]
+        prompt_ids = [list(ids) + p for ids, p in zip(prompt_ids, prefixes)]
+        # per-token fields (unpadded, one list per prompt): the prefix is text; TRL left-pads them like the ids
+        multimodal_fields = extend_token_types(multimodal_fields, [len(p) for p in prefixes])
+        vis = self.bpo_vision
+        if vis is not None and vis.key is not None and images is not None:  # M-RoPE needs them: from the ids
+            multimodal_fields[vis.key] = [vis.types(torch.tensor([ids]), torch.ones(1, len(ids)), len(ids))[0].tolist()
+                                          for ids in prompt_ids]  # fmt: skip
         return prompt_ids, images, multimodal_fields
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL's generation, with the strict-mode logits processor on transformers' ``generate`` (and the rules
+        checked on what vLLM returns)."""
+        strict, modes = self.bpo_strict, self._bpo_local_modes
+        if strict is None:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)  # fmt: skip
+        if self.use_vllm:
+            completion_ids, logprobs = super()._generate_single_turn(prompt_ids, images, multimodal_fields,
+                                                                     num_generations, has_tool_images)  # fmt: skip
+            bad = violations(self.bpo_strict_rules, modes or [Mode.AUTO] * len(completion_ids), completion_ids)
+            if bad:
+                raise RuntimeError(f"BPOConfig strict modes: vLLM's completions break them ({bad[:3]}): load "
+                                   "r4b_fast.integrations.trl_strict.vllm_logits_processor_class() into vLLM")
+            return completion_ids, logprobs
+        from transformers import LogitsProcessorList
+
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        strict.begin(list(modes) if modes is not None else None)
+        model.generate = functools.partial(type(model).generate, model,
+                                           logits_processor=LogitsProcessorList([strict]))  # fmt: skip
+        try:
+            out = super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                has_tool_images)  # fmt: skip
+        finally:
+            del model.generate
+        mode = "train" if self.model.training else "eval"
+        for name, value in strict.stats().items():
+            self._metrics[mode][name].append(value)
+        return out
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        vis = self.bpo_vision
+        if vis is not None and vis.key is not None and kwargs.get("image_grid_thw") is not None:
+            # the trained ids' own token types (TRL's come from a second processor call: no prefix, its padding)
+            kwargs[vis.key] = vis.types(input_ids, attention_mask, input_ids.size(1) - logits_to_keep)
+        return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args,
+                                                          **kwargs)  # fmt: skip
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -423,13 +261,14 @@ class BPOTrainer(GRPOTrainer):
         n_gen = self.num_generations if mode == "train" else self.num_generations_eval
         offset = self.accelerator.process_index * len(inputs)
         modes = self._group_modes(len(inputs), offset, n_gen)
-        inputs = [{**x, "bpo_mode": MODE_NAMES[m], "bpo_prefix": self.bpo_prefix_text.get(m, "")}
-                  for x, m in zip(inputs, modes)]  # fmt: skip
+        inputs = [{**x, "bpo_mode": MODE_NAMES[m], "bpo_prefix": self.bpo_prefix_text.get(m, "")
+                   if self.args.mode_split else ""} for x, m in zip(inputs, modes)]  # fmt: skip
         self._bpo_local_modes = modes
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
             self._bpo_local_modes = None
+        self._align_token_types(output)
         rpf, self._bpo_rewards_per_func = self._bpo_rewards_per_func, None
         n_all = rpf.size(0)
         device = rpf.device
@@ -448,18 +287,30 @@ class BPOTrainer(GRPOTrainer):
         logged.extend(adv.advantages.tolist())
         self._log_mode_metrics(mode, output, modes, rewards, all_modes)
         if self.bpo_decision is not None:
-            # each group's verdict over all processes (a group may straddle them); rows travel with TRL's shuffle
-            lengths = self.accelerator.gather(output["completion_mask"].sum(1).float())
-            target, weight = decision_targets(adv.advantages, all_modes, n_gen, torch.isfinite(rewards),
-                                              rewards=rewards, lengths=lengths,
-                                              tie_weight=float(self.args.decision_tie))  # fmt: skip
-            local_modes = all_modes[local]
-            prefix_len = torch.where(local_modes == int(Mode.THINK), len(self.bpo_prefix_ids[Mode.THINK]),
-                                     len(self.bpo_prefix_ids[Mode.NO_THINK]))  # fmt: skip
-            output["bpo_decision_target"] = target[local].to(output["advantages"].device)
-            output["bpo_decision_weight"] = weight[local].to(output["advantages"].device)
-            output["bpo_prefix_length"] = prefix_len.to(output["advantages"].device)
+            self._add_decision_rows(output, adv.advantages, all_modes, rewards, n_gen, local)
         return output
+
+    def _align_token_types(self, output: dict) -> None:
+        """The training forward's token types from the trained ids (see ``trl_vlm``)."""
+        vis = self.bpo_vision
+        if vis is None or vis.key is None or output.get("image_grid_thw") is None:
+            return
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        output[vis.key] = vis.types(ids, mask, output["prompt_ids"].size(1))
+
+    def _add_decision_rows(self, output, advantages, all_modes, rewards, n_gen, local) -> None:
+        # each group's verdict over all processes (a group may straddle them); rows travel with TRL's shuffle
+        lengths = self.accelerator.gather(output["completion_mask"].sum(1).float())
+        target, weight = decision_targets(advantages, all_modes, n_gen, torch.isfinite(rewards), rewards=rewards,
+                                          lengths=lengths, tie_weight=float(self.args.decision_tie))  # fmt: skip
+        local_modes = all_modes[local]
+        prefix_len = torch.where(local_modes == int(Mode.THINK), len(self.bpo_prefix_ids[Mode.THINK]),
+                                 len(self.bpo_prefix_ids[Mode.NO_THINK]))  # fmt: skip
+        device = output["advantages"].device
+        output["bpo_decision_target"] = target[local].to(device)
+        output["bpo_decision_weight"] = weight[local].to(device)
+        output["bpo_prefix_length"] = prefix_len.to(device)
 
     def _log_mode_metrics(self, mode: str, output: dict, local_modes: list[Mode], rewards, all_modes) -> None:
         """Per-mode reward, completion length and think rate over every process's rollouts."""
@@ -469,8 +320,8 @@ class BPOTrainer(GRPOTrainer):
         think = []
         for row, keep, m in zip(ids.tolist(), mask.tolist(), local_modes):
             kept = [t for t, k in zip(row, keep) if k and t not in drop]
-            text = self._tokenizer.decode(self.bpo_prefix_ids.get(m, []) + kept, skip_special_tokens=False)
-            think.append(thinks(text))
+            prefix = self.bpo_prefix_ids.get(m, []) if self.args.mode_split else []
+            think.append(thinks(self._tokenizer.decode(prefix + kept, skip_special_tokens=False)))
         lengths = self.accelerator.gather(mask.sum(1).float())
         think = self.accelerator.gather(torch.tensor(think, dtype=torch.float32, device=device))
         for m in (Mode.THINK, Mode.NO_THINK) if self.args.mode_split else (Mode.AUTO,):
@@ -485,50 +336,7 @@ class BPOTrainer(GRPOTrainer):
             self._metrics[mode][f"bpo/{name}/think_rate"].append(think[sel].mean().item())
 
     def _policy_loss_spec(self, inputs, mask) -> dict:
-        """``fused_linear_policy_loss``'s arguments for TRL's settings and this micro-batch."""
-        mode = "train" if self.model.training else "eval"
-        accum = self.current_gradient_accumulation_steps if mode == "train" else 1  # no accumulation in eval
-        rows = inputs["completion_ids"].size(0)
-        max_length = None
-        if self.loss_type in ("grpo", "dr_grpo"):  # TRL: mean over the micro-batch's rows, / accumulation steps
-            normaliser = float(rows * accum)
-            max_length = self.max_completion_length if self.loss_type == "dr_grpo" else None
-        elif self.loss_type == "bnpo":  # tokens of this micro-batch, / accumulation steps
-            normaliser = mask.sum().clamp(min=1).float() * accum
-        else:  # dapo: the generation batch's tokens (all processes), rescaled to one accumulation window
-            normaliser = inputs["num_items_in_batch"].clamp(min=1.0).float() / self.accelerator.num_processes
-            if mode == "train":
-                normaliser = normaliser * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-        spec = dict(
-            targets=inputs["completion_ids"], advantages=inputs["advantages"], mask=mask,
-            old_logprobs=inputs.get("old_per_token_logps"),
-            ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
-            beta=float(self.beta), clip_low=float(self.epsilon_low), clip_high=float(self.epsilon_high),
-            temperature=float(self.temperature), aggregation=LOSS_TYPES[self.loss_type], normaliser=normaliser,
-            max_length=max_length, importance_level=self.importance_sampling_level,
-            logits_to_keep=inputs["completion_ids"].size(1), cast_lm_head_to_fp32=bool(self.args.cast_lm_head_to_fp32),
-        )  # fmt: skip
-        if self.entropy_coef:  # TRL's bonus: a token mean whatever the loss_type, / accumulation steps
-            spec.update(entropy_coef=float(self.entropy_coef) / accum, entropy_aggregation="token-mean")
-        if self.use_vllm and self.vllm_importance_sampling_correction:  # TRL's ratio: [B, T] per token, [B, 1] per seq
-            weights = inputs["importance_sampling_ratio"]
-            spec["rollout_is_weights"] = weights.squeeze(-1) if weights.size(-1) == 1 else weights
-        if self.bpo_decision is not None and "bpo_decision_target" in inputs:
-            spec["decision"] = dict(tokens=self.bpo_decision, positions=self._decision_positions(inputs),
-                                    targets=inputs["bpo_decision_target"], weights=inputs["bpo_decision_weight"],
-                                    coef=float(self.args.decision_coef))  # fmt: skip
-        return spec
-
-    def _decision_positions(self, inputs) -> torch.Tensor:
-        """``[B]`` int64: per row, the index in ``cat(prompt, completion)`` of the hidden state that predicts the
-        decision token. The prompt ends with the row's prefix (left padding, or any padding: the last real prompt
-        token is found from the mask); the decision token is the prefix's token ``position``, so its state is one
-        before it."""
-        mask = inputs["prompt_mask"]
-        index = torch.arange(mask.size(1), device=mask.device)
-        last = torch.where(mask.bool(), index, -1).amax(1)  # the last real prompt token
-        start = last + 1 - inputs["bpo_prefix_length"].to(mask.device)  # where the forced prefix begins
-        return start + self.bpo_decision.position - 1
+        return policy_loss_spec(self, inputs, mask)
 
     def _compute_loss(self, model, inputs):
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
