@@ -21,6 +21,7 @@ setup(
     install_requires=[
         "torch>=2.6", "triton>=3.2", "transformers>=4.51", "datasets>=3.0", "filelock", "numpy", "safetensors", "tqdm",
         "matplotlib", "tensorboard", "pillow",
+        "math-verify>=0.9",  # accuracy_reward's LaTeX / expression comparison (imported on first use only)
     ],
     extras_require={
         # liger-kernel: the fused-loss benchmark's peer (its chunked losses run on CPU too); it needs only torch and
