@@ -11,18 +11,26 @@ Text-only, or with precomputed prompt embeddings (``prompt_embeds``: e.g. text e
 merged in, LLaVA style) passed through as ``inputs_embeds`` on the first forward; the engine runs no vision encoder.
 A :class:`PromptInputs` may also carry per-prompt M-RoPE positions and DeepStack features; a Qwen-VL model runs as
 its language model + LM head (``r4b_fast.models.LanguageModelWithHead``), so that they reach the text model.
+
+Engines (``engine=``): ``"shared"`` (default, :mod:`r4b_fast.training.rollout_engine`): each prompt prefilled once
+and its KV cache expanded to its rollouts, finished rows compacted out of the batch, the same per-rollout noise;
+``"reference"`` (:mod:`r4b_fast.training.rollout_reference`): one row per rollout from the prompt on, every row to
+the end (the oracle the tests compare with). docs/rollout-engine.md describes both.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Sequence
 
 import torch
 
 from r4b_fast.modes import Mode
-from r4b_fast.ops.sampling import ModeState, sample_with_modes
+from r4b_fast.training.rollout_common import RolloutSpec
+from r4b_fast.training.rollout_common import cache_kwarg as _cache_kwarg  # noqa: F401  (imported by bench/tests)
+from r4b_fast.training.rollout_common import new_cache as _new_cache  # noqa: F401
+
+ENGINES = ("shared", "reference")
 
 
 @dataclasses.dataclass
@@ -102,20 +110,6 @@ def bpo_modes(g: int) -> list[int]:
     return [int(Mode.THINK)] * g + [int(Mode.NO_THINK)] * g
 
 
-def _cache_kwarg(model) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _new_cache(model):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older transformers
-        return DynamicCache()
-
-
 @torch.no_grad()  # not inference_mode: the results feed the training step (old log-probs, ids) as plain tensors
 def generate_rollouts(
     model: torch.nn.Module,
@@ -143,6 +137,8 @@ def generate_rollouts(
     min_think_tokens: int = 0,
     no_reopen: bool = False,
     strict_auto: bool = False,
+    engine: str = "shared",
+    compact_below: float = 0.75,
 ) -> RolloutResult:
     """Generate ``sum(len(m) for m in modes)`` rollouts: prompt ``p`` once per entry of ``modes[p]``.
 
@@ -171,6 +167,13 @@ def generate_rollouts(
             the thinking and non-thinking prefixes part (``"\\n"`` / ``"\\n\\n"`` after ``<think>``): the
             think / no-think decision, nothing else (a model drifting to ``<think>:`` cannot write a third mode).
             Its log-prob stays the full-vocabulary one, what the training forward computes.
+        engine: ``"shared"`` (default): each prompt is prefilled once and its KV cache expanded to its rollouts;
+            finished rows leave the batch; ``"reference"``: one row per rollout from the prompt on, every row to the
+            end (the oracle). Same tokens for the same seed (the shared engine hands every rollout the uniform the
+            reference's sampler draws for it), log-probs equal to float rounding.
+        compact_below: shared engine: the finished rows are compacted out of the batch (KV cache and per-row state
+            indexed down) when the live rows fall below this fraction of the batch (1: at every finished row; 0:
+            never).
 
     Returns:
         :class:`RolloutResult`.
@@ -189,6 +192,10 @@ def generate_rollouts(
         >>> out.completions.shape, out.completions[1, :4].tolist()
         (torch.Size([4, 6]), [60, 62, 63, 62])
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
+    if isinstance(compact_below, bool) or not isinstance(compact_below, (int, float)) or not 0 <= compact_below <= 1:
+        raise ValueError(f"compact_below: expected a fraction in [0, 1], got {compact_below!r}")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
     if len(prompts) == 0:
@@ -205,8 +212,6 @@ def generate_rollouts(
         raise ValueError("noise_rows: expected (offset, total) together with a generator")
     if prompt_embeds is not None and len(prompt_embeds) != len(prompts):
         raise ValueError(f"prompt_embeds: {len(prompt_embeds)} entries for {len(prompts)} prompts")
-    positions_in = getattr(prompt_embeds, "positions", None)
-    deepstack_in = getattr(prompt_embeds, "deepstack", None)
     model = _generation_model(model)
     if think_end_id is None:
         think_end_id = _think_end_default(list(think_open_ids), list(no_think_ids), list(think_close_ids))
@@ -222,104 +227,34 @@ def generate_rollouts(
     if noise_rows is not None and not (0 <= noise_rows[0] and noise_rows[0] + R <= noise_rows[1]):
         raise ValueError(f"noise_rows: rows [{noise_rows[0]}, {noise_rows[0] + R}) do not fit a batch of "
                          f"{noise_rows[1]}")  # fmt: skip
-    L = max(len(p) for p in prompt_lists)
-    ids = torch.full((R, L), pad_id, dtype=torch.int64)
-    attn = torch.zeros(R, L, dtype=torch.int64)
-    for r, p in enumerate(row_prompt):
-        n = len(prompt_lists[p])
-        ids[r, L - n :] = torch.tensor(prompt_lists[p])
-        attn[r, L - n :] = 1
-    ids, attn = ids.to(device), attn.to(device)
-    position = (attn.cumsum(1) - 1).clamp_min(0)
-    if positions_in is not None:  # given per prompt (M-RoPE: [3, L_p]), left-padded like the tokens
-        dims = positions_in[0].shape[:-1]
-        position = torch.zeros(*dims, R, L, dtype=torch.int64, device=device)
-        for r, p in enumerate(row_prompt):
-            pos = positions_in[p]
-            if pos.shape != (*dims, len(prompt_lists[p])):
-                raise ValueError(f"prompt_embeds.positions: prompt {p} expected shape {(*dims, len(prompt_lists[p]))}"
-                                 f", got {tuple(pos.shape)}")  # fmt: skip
-            position[..., r, L - pos.shape[-1] :] = pos.to(device)
-    state = ModeState.create(torch.tensor(row_mode, device=device), think_open_ids, no_think_ids, think_close_ids,
-                             budget=budget, eos_id=eos_id, pad_id=pad_id, auto_ids=auto_ids,
-                             think_start_id=think_start_id, think_end_id=think_end_id,
-                             min_think_tokens=min_think_tokens, no_reopen=no_reopen)  # fmt: skip
-    decision_step, decision_ids = len(auto_ids), None
-    auto_rows = torch.tensor(row_mode, device=device) == int(Mode.AUTO)
-    if strict_auto and bool(auto_rows.any()):
+    spec = RolloutSpec(
+        prompts=prompt_lists, row_prompt=row_prompt, row_mode=row_mode, device=device, max_new_tokens=max_new_tokens,
+        pad_id=pad_id, generator=generator, noise_rows=None if noise_rows is None else tuple(noise_rows),
+        sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, backend=backend),
+        state_kwargs=dict(think_open_ids=think_open_ids, no_think_ids=no_think_ids, think_close_ids=think_close_ids,
+                          budget=budget, eos_id=eos_id, pad_id=pad_id, auto_ids=auto_ids,
+                          think_start_id=think_start_id, think_end_id=think_end_id,
+                          min_think_tokens=min_think_tokens, no_reopen=no_reopen),
+        prompt_embeds=None if prompt_embeds is None else list(prompt_embeds),
+        positions=getattr(prompt_embeds, "positions", None), deepstack=getattr(prompt_embeds, "deepstack", None),
+        decision_step=len(auto_ids),
+    )  # fmt: skip
+    spec.new_state()  # validates the mode arguments before any forward
+    if strict_auto and Mode.AUTO in row_mode:
         from r4b_fast.training.mode_decision import DecisionTokens
 
         d = DecisionTokens.from_prefixes(list(think_open_ids), list(no_think_ids))
         if list(auto_ids) != list(think_open_ids[: d.position]):
             raise ValueError(f"strict_auto: auto_ids {list(auto_ids)} must be the prefixes' common part "
                              f"{list(think_open_ids[: d.position])}")  # fmt: skip
-        decision_ids = torch.tensor([d.think, d.no_think], device=device)
-    cache = _new_cache(model)
-    ckw = _cache_kwarg(model)
-    first = dict(attention_mask=attn, position_ids=position, use_cache=True, **{ckw: cache})
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        first["logits_to_keep"] = 1  # the prompt's last position only, not [R, L, V] logits
-    if prompt_embeds is not None:
-        H = prompt_embeds[0].shape[-1]
-        emb = torch.zeros(R, L, H, dtype=prompt_embeds[0].dtype, device=device)
-        for r, p in enumerate(row_prompt):
-            e = prompt_embeds[p]
-            if e.shape != (len(prompt_lists[p]), H):
-                raise ValueError(f"prompt_embeds: prompt {p} expected shape ({len(prompt_lists[p])}, {H}), "
-                                 f"got {tuple(e.shape)}")  # fmt: skip
-            emb[r, L - e.shape[0] :] = e.to(device)
-        if deepstack_in is not None:  # DeepStack: per layer [R * L, H] over every position (zero at text)
-            k = deepstack_in[0].shape[0]
-            deep = torch.zeros(k, R, L, H, dtype=emb.dtype, device=device)
-            for r, p in enumerate(row_prompt):
-                deep[:, r, L - deepstack_in[p].shape[1] :] = deepstack_in[p].to(device=device, dtype=emb.dtype)
-            first.update(visual_pos_masks=torch.ones(R, L, dtype=torch.bool, device=device),
-                         deepstack_visual_embeds=list(deep.flatten(1, 2)))  # fmt: skip
-        out = model(inputs_embeds=emb, **first)
+        spec.decision_ids = torch.tensor([d.think, d.no_think], device=device)
+    if engine == "reference":
+        from r4b_fast.training.rollout_reference import generate_reference
+
+        fields = generate_reference(model, spec)
     else:
-        out = model(input_ids=ids, **first)
-    logits = out.logits[:, -1].float()
-    next_pos = position[..., -1] + 1  # [R], or [3, R] (M-RoPE: after the text that ends every prompt, all equal)
-    completions = torch.full((R, max_new_tokens), pad_id, dtype=torch.int64, device=device)
-    cmask = torch.zeros(R, max_new_tokens, dtype=torch.bool, device=device)
-    fmask = torch.zeros_like(cmask)
-    logprobs = torch.zeros(R, max_new_tokens, dtype=torch.float32, device=device)
-    ones = torch.ones(R, 1, dtype=attn.dtype, device=device)
-    steps = 0
-    for t in range(max_new_tokens):
-        if noise_rows is None:
-            noise = dict(generator=generator)
-        else:  # this rank's slice of the global batch's one uniform per row
-            lo = noise_rows[0]
-            u = torch.rand(noise_rows[1], generator=generator, device=generator.device)[lo : lo + R]
-            noise = dict(uniforms=u.to(device))
-        decide = decision_ids is not None and t == decision_step and decision_step < max_new_tokens
-        sampled_logits = logits
-        if decide:  # strict_auto: the AUTO rows choose between the two mode tokens only
-            banned = torch.ones(logits.shape[-1], dtype=torch.bool, device=device)
-            banned[decision_ids] = False
-            sampled_logits = logits.masked_fill(auto_rows[:, None] & banned[None, :], float("-inf"))
-        step = sample_with_modes(sampled_logits, state, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 min_p=min_p, backend=backend, **noise)  # fmt: skip
-        if decide:  # the full-vocabulary log-prob (T = 1 when greedy), as the training forward sees it
-            full = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), -1)
-            step = step._replace(logprobs=torch.where(auto_rows, full.gather(1, step.tokens[:, None])[:, 0],
-                                                      step.logprobs))
-        completions[:, t] = step.tokens
-        cmask[:, t] = step.active
-        fmask[:, t] = step.forced
-        logprobs[:, t] = step.logprobs
-        steps = t + 1
-        if t == max_new_tokens - 1 or bool(state.finished.all()):  # the one host sync per step
-            break
-        attn = torch.cat([attn, ones], 1)
-        out = model(input_ids=step.tokens[:, None], attention_mask=attn, position_ids=next_pos[..., None],
-                    use_cache=True, **{ckw: cache})  # fmt: skip
-        logits = out.logits[:, -1].float()
-        next_pos = next_pos + 1
-    return RolloutResult(
-        completions=completions, completion_mask=cmask, forced_mask=fmask, logprobs=logprobs,
-        modes=state.mode.clone(), prompt_index=torch.tensor(row_prompt, device=device), lengths=cmask.sum(1),
-        think_opened=state.opened.clone(), think_closed=state.closed.clone(), finished=state.finished.clone(),
-        steps=steps,
-    )  # fmt: skip
+        from r4b_fast.training.rollout_engine import generate_shared
+
+        fields = generate_shared(model, spec, compact_below=float(compact_below))
+    return RolloutResult(prompt_index=torch.tensor(row_prompt, device=device),
+                         lengths=fields["completion_mask"].sum(1), **fields)  # fmt: skip
