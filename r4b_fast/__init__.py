@@ -4,6 +4,7 @@ Public ops (each validates its input, dispatches to the torch / triton / cuda ba
     group_advantages  GRPO / Dr.GRPO / RLOO / BPO advantages with per-mode statistics
     fused_linear_logprobs / fused_linear_policy_loss / logprobs_from_logits
                       LM-head log-probs, entropy and the clipped GRPO/BPO loss without materialising the logits
+    PolicyLoss        the policy loss's settings, with TRL / verl presets (PolicyLoss.trl, PolicyLoss.verl)
     rollout_importance_weights / logprob_mismatch
                       rollout vs trainer log-probs: truncated importance weights (verl's TIS) and mismatch metrics
     sample / sample_with_modes
@@ -16,6 +17,7 @@ Importing r4b_fast needs no GPU, nvcc, flash-attn or xformers; Triton kernels an
 from r4b_fast.backends import BACKENDS, BackendUnavailableError, available_backends, not_supported_reasons
 from r4b_fast.modes import Mode
 from r4b_fast.ops.fused_linear_logprobs import (
+    PolicyLoss,
     fused_linear_logprobs,
     fused_linear_logprobs_ref,
     fused_linear_policy_loss,
@@ -37,6 +39,7 @@ __all__ = [
     "ModeState",
     "ModeStep",
     "PackedBatch",
+    "PolicyLoss",
     "available_backends",
     "fused_linear_logprobs",
     "fused_linear_logprobs_ref",

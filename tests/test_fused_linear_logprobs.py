@@ -19,6 +19,7 @@ from r4b_fast.ops.fused_linear_logprobs import (
     logprobs_from_logits,
     rollout_importance_weights,
 )
+from r4b_fast.ops.lm_head import driver, epilogues
 
 BACKENDS = [p for p in kernel_backends() if p.id != "cuda"]  # no cuda backend for this op (see the module docstring)
 
@@ -52,8 +53,8 @@ SHAPES = [(1, 8, 1), (7, 16, 31), (129, 8, 31), (7, 32, 64), (33, 16, 9001), (12
 def _several_chunks(monkeypatch, T, V):
     """Chunks of about T / 7 rows (ragged last one) on every device, torch epilogue slices of 3 rows."""
     rows = max(1, T // 7)
-    monkeypatch.setattr(flp, "CHUNK_ELEMENTS", {"cpu": rows * V, "cuda": rows * V})
-    monkeypatch.setattr(flp, "EPILOGUE_ELEMENTS", 3 * V)
+    monkeypatch.setattr(driver, "CHUNK_ELEMENTS", {"cpu": rows * V, "cuda": rows * V})
+    monkeypatch.setattr(epilogues, "EPILOGUE_ELEMENTS", 3 * V)
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)
@@ -598,16 +599,17 @@ def test_opcheck():
     torch.library.opcheck(flp._flp_op, args, test_utils=utils)
     lse = torch.zeros(7)
     for need_dh, need_dw in ((True, True), (False, True), (True, False)):
-        torch.library.opcheck(flp._flp_backward_op, (torch.randn(7), torch.randn(7), h.detach(), w.detach(), b.detach(),
-                                                     y, temp, lse, lse, -100, need_dh, need_dw, "torch"),
-                              test_utils=utils)  # fmt: skip
+        for masked in (False, True):
+            torch.library.opcheck(flp._flp_backward_op, (torch.randn(7), torch.randn(7), h.detach(), w.detach(),
+                                                         b.detach(), y, temp, lse, lse, torch.tensor(masked), -100,
+                                                         need_dh, need_dw, "torch"), test_utils=utils)  # fmt: skip
         vec = torch.randn(7)
         for extra in ((None, None, None, None, None, None), (vec.abs() + 0.1, vec.abs(), -20.0, 10.0, 20.0, 10.0)):
             ent_w, is_w, clamps = extra[0], extra[1], extra[2:]
+            ppo = flp._PPO(0.2, 0.3, 3.0, 0.1, 0.01, *clamps)
             torch.library.opcheck(flp._policy_grads_op, (h.detach(), w.detach(), b.detach(), y, temp, -100, vec,
-                                                         vec - 1, vec + 1, vec.abs(), ent_w, is_w, 0.2, 0.3, 3.0, 0.1,
-                                                         0.01, *clamps, need_dh, need_dw, "torch"),
-                                  test_utils=utils)  # fmt: skip
+                                                         vec - 1, vec + 1, vec.abs(), ent_w, is_w, ppo.as_op_list(),
+                                                         need_dh, need_dw, "torch"), test_utils=utils)  # fmt: skip
     torch.library.opcheck(flp._attach_grads_op, (torch.tensor(1.5), h, w, b, torch.randn(7, 8), torch.randn(31, 8),
                                                  torch.randn(31)), test_utils=utils)  # fmt: skip
 
@@ -662,8 +664,8 @@ def _torch_head(h, w, b, y, temp):
 def test_torch_backend_memory_is_chunk_bounded(monkeypatch):
     T, H, V = 512, 16, 16384  # [T, V] fp32 = 32 MiB
     chunk = T * V // 8
-    monkeypatch.setattr(flp, "CHUNK_ELEMENTS", {"cpu": chunk})
-    monkeypatch.setattr(flp, "EPILOGUE_ELEMENTS", 8 * V)
+    monkeypatch.setattr(driver, "CHUNK_ELEMENTS", {"cpu": chunk})
+    monkeypatch.setattr(epilogues, "EPILOGUE_ELEMENTS", 8 * V)
     h, w, b, y, temp, g_lp, g_en = _data(T, H, V)
     head = _torch_head(h, w, b, y, temp)
 
@@ -684,7 +686,7 @@ def test_torch_backend_memory_is_chunk_bounded(monkeypatch):
 
     peak_eager = _peak_cpu_bytes(eager)
     # the logits chunk, three fp32 epilogue slices, the gradients themselves (dW is V*H*4 bytes)
-    budget = chunk * 4 + 3 * flp.EPILOGUE_ELEMENTS * 4 + 2 * V * H * 4 + 2 * T * H * 4
+    budget = chunk * 4 + 3 * epilogues.EPILOGUE_ELEMENTS * 4 + 2 * V * H * 4 + 2 * T * H * 4
     for fn in (fwd_bwd, fused):
         peak = _peak_cpu_bytes(fn)
         assert peak < budget < T * V * 4 / 2, (fn.__name__, peak, budget, T * V * 4)
