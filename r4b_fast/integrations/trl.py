@@ -320,8 +320,8 @@ class BPOTrainer(PrefixMixin, GRPOTrainer):
         think = []
         for row, keep, m in zip(ids.tolist(), mask.tolist(), local_modes):
             kept = [t for t, k in zip(row, keep) if k and t not in drop]
-            prefix = self.bpo_prefix_ids.get(m, []) if self.args.mode_split else []
-            think.append(thinks(self._tokenizer.decode(prefix + kept, skip_special_tokens=False)))
+            prefix = self.bpo_prefix_text.get(m, "") if self.args.mode_split else ""
+            think.append(thinks(prefix + self._tokenizer.decode(kept, skip_special_tokens=False)))
         lengths = self.accelerator.gather(mask.sum(1).float())
         think = self.accelerator.gather(torch.tensor(think, dtype=torch.float32, device=device))
         for m in (Mode.THINK, Mode.NO_THINK) if self.args.mode_split else (Mode.AUTO,):

@@ -6,6 +6,7 @@ Part of :mod:`r4b_fast.integrations.trl` (import from there).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 
 import torch
@@ -27,6 +28,8 @@ def install_loss_forward(model) -> None:
     metrics."""
     previous = model.forward
 
+    # the class's signature stays visible (generate validates its model kwargs, e.g. pixel_values, against it)
+    @functools.wraps(type(model).forward)
     def forward(self, *args, r4b_policy_loss=None, **kwargs):
         if r4b_policy_loss is None:
             return previous(*args, **kwargs)

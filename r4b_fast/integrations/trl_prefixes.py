@@ -29,25 +29,44 @@ class PrefixMixin:
                                                          add_generation_prompt=True, **kwargs)  # fmt: skip
 
     def _mode_prefixes(self) -> tuple[dict[Mode, str], dict[Mode, list[int]]]:
+        """Each forced mode's text (what follows the assistant turn's start) and its ids appended to the prompt. A
+        template whose generation prompt ends with an open ``<think>`` (R-4B's auto mode) keeps it: the ids are
+        what follows it (``"\\n"`` / ``"\\n\\n</think>\\n\\n"``), the texts stay whole."""
         base = self._render_generation_prompt()
-        if base is not None and (THINK_CLOSE in base.rsplit("x", 1)[-1] or base.rstrip().endswith(THINK_OPEN)):
+        opened = base is not None and base.endswith(THINK_OPEN)
+        if base is not None and (THINK_CLOSE in base.rsplit("x", 1)[-1] or (base.rstrip().endswith(THINK_OPEN)
+                                                                             and not opened)):  # fmt: skip
             raise ValueError("chat_template_kwargs / chat template: the generation prompt already fixes a mode "
                              f"(it ends {base[-40:]!r}); BPO appends each mode's prefix itself, so leave the mode open "
                              "(e.g. no enable_thinking=False)")  # fmt: skip
         no_think = self.args.no_think_prefix
         if no_think is None and base is not None:
-            try:
-                off = self._render_generation_prompt(enable_thinking=False)
-            except Exception:  # a template that rejects the flag has no switch: fall back to R-4B's block
-                off = base
-            tail = off[len(base) :] if off.startswith(base) else ""
-            no_think = tail if THINK_CLOSE in tail else None
+            no_think = self._template_no_think(base)
+            if no_think is not None and opened:
+                no_think = THINK_OPEN + no_think
         texts = {Mode.THINK: self.args.think_prefix or DEFAULT_THINK_PREFIX,
                  Mode.NO_THINK: no_think or DEFAULT_NO_THINK_PREFIX}  # fmt: skip
         ids = {}
         for mode, text in texts.items():
-            ids[mode] = self._prefix_ids(base if base is not None else "", text)
+            if opened and not text.startswith(THINK_OPEN):
+                raise ValueError(f"BPOConfig.{'think' if mode == Mode.THINK else 'no_think'}_prefix: the chat "
+                                 f"template's generation prompt opens {THINK_OPEN!r} itself, so each prefix must "
+                                 f"start with it, got {text!r}")  # fmt: skip
+            ids[mode] = self._prefix_ids(base if base is not None else "", text[len(THINK_OPEN) :] if opened else text)
         return texts, ids
+
+    def _template_no_think(self, base: str) -> str | None:
+        """What the template appends for non-thinking mode (Qwen3's ``enable_thinking=False``, R-4B's
+        ``thinking_mode="short"``), None when it has no such switch."""
+        for switch in ({"enable_thinking": False}, {"thinking_mode": "short"}):
+            try:
+                off = self._render_generation_prompt(**switch)
+            except Exception:  # a template that rejects the flag has no such switch
+                continue
+            tail = off[len(base) :] if off.startswith(base) else ""
+            if THINK_CLOSE in tail:
+                return tail
+        return None
 
     def _prefix_ids(self, context: str, text: str) -> list[int]:
         """``text``'s ids right after ``context`` (the rendered generation prompt): tokenized in context, so BPE
