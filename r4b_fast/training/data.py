@@ -6,6 +6,11 @@ absolute, raw bytes, or ``{"bytes": ..., "path": ...}`` as datasets' Image featu
 and ``thought`` (the written reasoning of a thinking target); annealing needs ``mode`` on every row and ``thought``
 on the thinking ones. Every bad row is reported with its index and reason (in jsonl, a line that is not UTF-8 JSON
 is one bad row); ``on_bad_row="raise"`` stops at the first, ``"skip"`` leaves it out — it is never trained on.
+
+Loading never blocks: an image path is opened only when it is a regular file (a FIFO, a device, a socket or a
+directory is a bad row saying so, never an ``open`` that waits forever), its reading and decoding run under a time
+bound (``IMAGE_TIMEOUT_S``) and a size bound (``MAX_IMAGE_BYTES`` on the file, PIL's ``Image.MAX_IMAGE_PIXELS`` on
+the decoded pixels: a decompression bomb is a bad row before any pixel is decoded).
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +64,85 @@ class BadRowError(ValueError):
     """A data row that cannot be trained on; the message names the row and the reason."""
 
 
-def _open_image(source):
+IMAGE_TIMEOUT_S = 60.0  # reading + decoding one image: longer is a bad row (a file on a hung mount, say)
+MAX_IMAGE_BYTES = 512 * 2**20  # an image file larger than this is a bad row, never read into memory
+
+
+class ImageError(ValueError):
+    """An image that cannot be read safely (not a regular file, too large, too slow): its message is the reason."""
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _read_regular_file(path: str, what: str = "image", max_bytes: int | None | str = "image") -> bytes:
+    """The bytes of ``path``, which must be a regular file: ``stat`` before ``open`` (a FIFO's ``open`` blocks until
+    a writer comes), opened non-blocking and checked again on the open descriptor (no swap in between).
+    ``max_bytes``: ``"image"`` is ``MAX_IMAGE_BYTES`` (read when called), None no bound."""
+    if max_bytes == "image":
+        max_bytes = MAX_IMAGE_BYTES
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{what}: {path} is {_file_kind(st.st_mode)}, not a regular file")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"{what}: {path} is {_file_kind(st.st_mode)}, not a regular file")
+        too_large = f"{what}: {path} is larger than MAX_IMAGE_BYTES = {max_bytes} bytes: not read"
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise ImageError(too_large)
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageError(too_large)
+    return data
+
+
+def _decode(source):
     from PIL import Image
 
-    img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-    return img.convert("RGB")
+    data = source if isinstance(source, (bytes, bytearray)) else _read_regular_file(source)
+    try:
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as err:  # more than twice Image.MAX_IMAGE_PIXELS: PIL refuses at open
+        raise ImageError(f"image: decompression bomb refused before decoding ({err})") from err
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and img.width * img.height > limit:
+        raise ImageError(f"image: {img.width}x{img.height} = {img.width * img.height} pixels exceed the bound of "
+                         f"{limit} (PIL's Image.MAX_IMAGE_PIXELS; a decompression bomb?): not decoded")  # fmt: skip
+    return img.convert("RGB")  # decodes fully: a truncated file fails here, not in the middle of training
+
+
+def _open_image(source):
+    """``source`` (bytes, or the path of a regular file) decoded to an RGB PIL image within ``IMAGE_TIMEOUT_S``.
+
+    The work runs in a daemon thread: a read that blocks (a hung network mount) leaves that thread waiting, never the
+    loader, which reports the image as a bad one.
+    """
+    result: dict = {}
+
+    def work():
+        try:
+            result["image"] = _decode(source)
+        except BaseException as err:  # handed to the caller's thread
+            result["error"] = err
+
+    worker = threading.Thread(target=work, name="r4b-image-decode", daemon=True)
+    worker.start()
+    worker.join(IMAGE_TIMEOUT_S)
+    if worker.is_alive():
+        where = "" if isinstance(source, (bytes, bytearray)) else f" {source}"
+        raise ImageError(f"image{where}: not read and decoded within IMAGE_TIMEOUT_S = {IMAGE_TIMEOUT_S:g} s "
+                         "(a file that blocks on read?)")  # fmt: skip
+    if "error" in result:
+        raise result["error"]
+    return result["image"]
 
 
 def _to_tensor(img) -> torch.Tensor:
@@ -118,8 +200,9 @@ def _parse_row(row: dict, base: Path, index: int) -> DataItem:
         raise ValueError("image: missing")
     source = _image_source(row["image"], base)
     try:
-        img = _open_image(source)
-        img.load()  # decode fully now: a truncated file fails here, not in the middle of training
+        img = _open_image(source)  # decoded fully now: a truncated file fails here, not in the middle of training
+    except ImageError:
+        raise  # not a regular file, too large, too slow: its own reason
     except Exception as err:  # PIL raises many types for a corrupt or missing file
         raise ValueError(f"image: cannot be decoded ({type(err).__name__}: {err})") from err
     mode = row.get("mode")
@@ -148,7 +231,7 @@ def _read_records(path: Path) -> list:
         except Exception as err:  # pyarrow / datasets raise many types for an empty or corrupt file
             raise ValueError(f"dataset: cannot read {path} as parquet ({type(err).__name__}: {err})") from err
         return list(table)
-    raw = path.read_bytes()
+    raw = _read_regular_file(str(path), "dataset", max_bytes=None)  # a FIFO is refused, never waited on
     if path.suffix == ".json" and raw.lstrip()[:1] == b"[":
         try:
             rows = json.loads(raw)
@@ -183,6 +266,9 @@ def load_rows(path: Path | str, *, on_bad_row: str = "raise") -> tuple[list[Data
     kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
     if path.suffix not in kinds:
         raise ValueError(f"dataset: expected a .jsonl, .json or .parquet file, got {path.name}")
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"dataset: {path} is {_file_kind(mode)}, not a regular file")
     records = _read_records(path)
     if not records:
         raise ValueError(f"dataset: {path} has no rows (empty file)")
