@@ -541,3 +541,76 @@ def test_annealing_and_bpo_run_one_step_and_save_the_same_family(family_dir, dat
         assert (folder / "preprocessor_config.json").exists() and tok.chat_template == tok0.chat_template
         changed = [n for n, p in model.named_parameters() if not torch.equal(p, original.get_parameter(n))]
         assert changed  # trained weights were saved
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# processors without torchvision (r4b_fast.models.processor_for)
+# ---------------------------------------------------------------------------------------------------------------
+def _pil_and_tensor(width, height, seed):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(height, width, 3, generator=gen) * 255).to(torch.uint8)
+    return Image.fromarray(pixels.numpy()), pixels.permute(2, 0, 1).float() / 255
+
+
+@pytest.mark.parametrize("name", FAMILY_PARAMS)
+def test_processor_for_matches_the_families_documented_expansion(family_dir, name):
+    """``processor_for`` (the family's processor class, a PIL image processor, no video processor) against what the
+    project's loops compute (``ImageEncoder``: the image processor's pixels and grid, the placeholder count from the
+    grid or the model's own feature rows): torchvision is not importable here, so the family's ``AutoProcessor``
+    cannot be the oracle; the documented expansion is (Qwen: ``t*h*w / merge**2`` ``<|image_pad|>`` per image,
+    LLaVA-OneVision / R-4B: one ``<image>`` per feature row of AnyRes + newlines)."""
+    import sys
+
+    from transformers import ProcessorMixin
+
+    from r4b_fast.models import processor_for
+    from r4b_fast.training.vision import ImageEncoder
+
+    path = family_dir(name)
+    model, tok, family = _load(path)
+    processor = processor_for(path)
+    assert isinstance(processor, ProcessorMixin) and "torchvision" not in sys.modules
+    assert processor.tokenizer.padding_side == "left"
+    encoder = ImageEncoder.for_model(model, path)
+    image_id = family.image_token_id(model.config)
+    placeholder = tok.convert_ids_to_tokens(image_id)
+    pils, tensors = zip(*[_pil_and_tensor(w, h, i) for i, (w, h) in enumerate([(16, 16), (24, 16)])])
+    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"What is {i}?"}]}]
+                for i in range(2)]  # fmt: skip
+    texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+    out = processor(images=[[p] for p in pils], text=texts, padding=True, return_tensors="pt")
+    pixel_values, extra = encoder.pixel_inputs(list(tensors), "cpu", torch.float32)
+    torch.testing.assert_close(out["pixel_values"].float(), pixel_values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["image_grid_thw" if family.rope == "mrope" else "image_sizes"], extra)
+    for r, (text, img) in enumerate(zip(texts, tensors)):
+        count = encoder.count(model, SimpleNamespace(image=lambda img=img: img, size=tuple(img.shape[-2:])))
+        assert text.count(placeholder) == 1
+        want = tok(text.replace(placeholder, placeholder * count), add_special_tokens=False)["input_ids"]
+        got = out["input_ids"][r][out["attention_mask"][r].bool()].tolist()
+        assert got == want
+        if family.rope == "mrope":
+            types = out["mm_token_type_ids"][r][out["attention_mask"][r].bool()]
+            assert types.tolist() == [int(t == image_id) for t in want]
+    lens = out["attention_mask"].sum(1)
+    assert lens[0] != lens[1] and out["attention_mask"][int(lens.argmin()), 0] == 0  # left-padded, as TRL pads
+
+
+@pytest.mark.parametrize("name", ["llava_onevision", "qwen2_5_vl"])
+def test_processor_for_from_a_config_builds_the_pil_image_processor(family_dir, name):
+    """Without a folder, the PIL image processor comes from the config's sizes (patch / merge / crop, AnyRes grid)."""
+    from r4b_fast.models import processor_for
+
+    path = family_dir(name)
+    model, tok, family = _load(path)
+    processor = processor_for(model.config, tokenizer=tok)
+    ip = processor.image_processor
+    assert type(ip).__name__.endswith("Pil")
+    if family.rope == "mrope":
+        assert (ip.patch_size, ip.merge_size) == (model.config.vision_config.patch_size,
+                                                  model.config.vision_config.spatial_merge_size)  # fmt: skip
+    else:
+        assert ip.size["height"] == model.config.vision_config.image_size
+    with pytest.raises(ValueError, match="tokenizer"):
+        processor_for(model.config)
