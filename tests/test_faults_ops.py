@@ -296,3 +296,95 @@ def test_smallest_accepted_temperature_gives_finite_results():
             for o in out if isinstance(out, tuple) else (out,):
                 assert torch.isfinite(o).all(), name
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue #22 item 6: non-finite hidden states at ignored positions; old / ref log-probs above 0
+# ----------------------------------------------------------------------------------------------------------------
+def _grads_of(fn, *leaves):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out = fn(*leaves)
+    return out.detach(), torch.autograd.grad(out, leaves)
+
+
+def _assert_finite_and_equal(got, want):
+    (value, grads), (want_value, want_grads) = got, want
+    assert torch.isfinite(value).all()
+    torch.testing.assert_close(value, want_value, rtol=0, atol=0)
+    for g, wg in zip(grads, want_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, wg, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend_device", HEAD_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nonfinite_hidden_at_ignored_rows_reaches_no_gradient_logprobs(backend_device, bad, monkeypatch):
+    """fused_linear_logprobs: a NaN / +inf hidden state where the target is ``ignore_index``, over several chunks,
+    gives finite log-probs, entropies and gradients equal to the same call with those rows zeroed. Before: 0 * NaN
+    in the dWeight GEMM made the whole weight.grad (and bias.grad) NaN."""
+    from r4b_fast.ops.lm_head import driver
+
+    backend, device = backend_device
+    T, H, V = 23, 8, 37
+    monkeypatch.setattr(driver, "CHUNK_ELEMENTS", {"cpu": 4 * V, "cuda": 4 * V})  # 6 chunks
+    gen = torch.Generator().manual_seed(7)
+    h = torch.randn(T, H, generator=gen)
+    w, b = torch.randn(V, H, generator=gen) / math.sqrt(H), torch.randn(V, generator=gen)
+    y = torch.randint(0, V, (T,), generator=gen)
+    ignored = torch.zeros(T, dtype=torch.bool)
+    ignored[[0, 5, 6, 17, 22]] = True
+    y[ignored] = -100
+    g_lp, g_en = torch.randn(T, generator=gen), torch.randn(T, generator=gen)
+    h, w, b, y, ignored, g_lp, g_en = (t.to(device) for t in (h, w, b, y, ignored, g_lp, g_en))
+
+    def call(hh, ww, bb):
+        lp, en = fused_linear_logprobs(hh, ww, y, bias=bb, return_entropy=True, backend=backend)
+        return (lp * g_lp).sum() + (en * g_en).sum()
+
+    zeroed = torch.where(ignored[:, None], 0.0, h)
+    poisoned = torch.where(ignored[:, None], bad, h)
+    poisoned[5, 3] = 1.0  # a row with one bad value among finite ones
+    _assert_finite_and_equal(_grads_of(call, poisoned, w, b), _grads_of(call, zeroed, w, b))
+
+
+@pytest.mark.parametrize("backend_device", HEAD_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("importance_level", ["token", "sequence"])
+def test_nonfinite_hidden_at_masked_positions_reaches_no_gradient_policy_loss(backend_device, bad, importance_level):
+    """fused_linear_policy_loss: NaN / +inf hidden states where ``mask`` is 0 (padding), on the fused-gradient path
+    (token level) and the recomputing one (GSPO): loss and gradients finite and equal to the call with those rows
+    zeroed. Before: the weight's gradient was all NaN."""
+    backend, device = backend_device
+    h, w, y, adv, mask, old, ref = (t.to(device) for t in _policy_inputs())
+    mask = mask.clone()
+    mask[0, 2] = False
+    kw = dict(targets=y, advantages=adv, mask=mask, old_logprobs=old, ref_logprobs=ref, beta=0.05, entropy_coef=0.01,
+              importance_level=importance_level, backend=backend)
+
+    def call(hh, ww):
+        return fused_linear_policy_loss(hh, ww, **kw)[0]
+
+    zeroed = torch.where(mask[..., None], h, 0.0)
+    poisoned = torch.where(mask[..., None], h, bad)
+    _assert_finite_and_equal(_grads_of(call, poisoned, w), _grads_of(call, zeroed, w))
+
+
+@pytest.mark.parametrize("name", ["old_logprobs", "ref_logprobs"])
+def test_logprobs_above_zero_are_rejected(name):
+    """A log-probability above 0 (beyond 1e-4 of rounding) where mask is 1 is an error naming the argument and the
+    position: a probability above 1 is a bug upstream (a sign flip, logits passed as log-probs). Before: accepted,
+    a ratio exp(logp - old) silently off."""
+    h, w, y, adv, mask, old, ref = _policy_inputs()
+    kw = dict(old_logprobs=old, ref_logprobs=ref, beta=0.1)
+    bad = kw[name].clone()
+    bad[2, 3] = 0.5
+    with pytest.raises(ValueError, match=rf"{name}: 1 value\(s\) above 0 where mask is 1.*\(2, 3\)"):
+        fused_linear_policy_loss(h, w, y, adv, mask, **{**kw, name: bad})
+    with pytest.raises(ValueError, match=rf"{name}: 1 value\(s\) above 0"):
+        fused_linear_policy_loss(h.requires_grad_(), w, y, adv, mask, **{**kw, name: bad})
+    # rounding above 0 is accepted; where mask is 0 anything finite is (padding)
+    ok = kw[name].clone()
+    ok[2, 3] = 5e-5
+    ok[1, 5] = 7.0  # mask[1, 4:] is 0
+    loss, _ = fused_linear_policy_loss(h, w, y, adv, mask, **{**kw, name: ok})
+    assert torch.isfinite(loss)
