@@ -58,14 +58,9 @@ except ImportError as e:  # verl, or one of the packages its core imports, is mi
 
 from r4b_fast.models.r4b import THINKING_MODE_OF, THINKING_MODE_PREFIX
 from r4b_fast.modes import Mode
-from r4b_fast.ops.fused_linear_logprobs import (
-    _PPO,
-    _log_ratio_bounds,
-    _ppo_token_loss,
-    _token_weights,
-    fused_linear_policy_loss,
-)
 from r4b_fast.ops.group_advantages import group_advantages
+from r4b_fast.ops.lm_head import PolicyLoss, fused_linear_policy_loss
+from r4b_fast.ops.lm_head.token_loss import _PPO, _log_ratio_bounds, _ppo_token_loss, _token_weights
 
 ADV_ESTIMATOR = "bpo"
 POLICY_LOSS = "r4b_bpo"
@@ -75,8 +70,6 @@ MODE_FIELD = "bpo_mode"  # non-tensor column: the rollout's forced mode ("think"
 # verl's vanilla loss clamps the log-ratio to +-20 before exp (and its dual clip defaults to clip_ratio_c = 3.0)
 VERL_LOG_RATIO_CLAMP = 20.0
 VERL_CLIP_RATIO_C = 3.0
-VERL_LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
-                       "seq-mean-token-sum-norm")
 MODE_NAMES = {Mode.THINK: "think", Mode.NO_THINK: "no_think", Mode.AUTO: "auto"}
 _MODE_OF_NAME = {name: mode for mode, name in MODE_NAMES.items()}
 
@@ -240,14 +233,34 @@ def bpo_mode_metrics(data: Any, prefix: str = "bpo") -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------------
 # The policy loss
 # ----------------------------------------------------------------------------------------------------------------
-def verl_policy_loss_kwargs(config: Any, loss_agg_mode: str = "token-mean") -> dict[str, Any]:
-    """``fused_linear_policy_loss`` keyword arguments that give verl's ``vanilla`` loss for a verl actor config.
+def verl_policy_loss(config: Any, loss_agg_mode: str = "token-mean") -> PolicyLoss:
+    """The ``PolicyLoss`` of verl's ``vanilla`` loss for a verl actor config: ``PolicyLoss.verl`` with the config's
+    ``clip_ratio`` / ``clip_ratio_low`` / ``clip_ratio_high`` / ``clip_ratio_c`` (default 3.0) and
+    ``global_batch_info`` (``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``, set by
+    verl's actor for each micro-batch), which give the normaliser / ``max_length`` exactly as verl's ``agg_loss``
+    divides (``"token-sum"`` is a token mean over a normaliser of ``1 / dp_size``).
 
-    Maps ``clip_ratio`` / ``clip_ratio_low`` / ``clip_ratio_high`` -> ``clip_low`` / ``clip_high``, ``clip_ratio_c``
-    (default 3.0) -> ``dual_clip``, the vanilla loss's log-ratio clamp -> ``log_ratio_clamp=20.0``, ``loss_agg_mode``
-    -> ``aggregation`` (``"token-sum"`` as a token mean over a normaliser of ``1 / dp_size``), and
-    ``config.global_batch_info`` (``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``, set
-    by verl's actor for each micro-batch) -> ``normaliser`` / ``max_length``, exactly as verl's ``agg_loss`` divides.
+    Args:
+        config: verl's ``ActorConfig`` (or a DictConfig / dict with the same keys).
+        loss_agg_mode: verl's ``loss_agg_mode``.
+
+    Example:
+        >>> verl_policy_loss({"clip_ratio": 0.2, "clip_ratio_high": 0.28}).clip_high
+        0.28
+    """
+    if config is None:
+        raise ValueError("config: verl's actor config is needed (clip_ratio, clip_ratio_low/high, clip_ratio_c)")
+    return PolicyLoss.verl(
+        "vanilla", loss_agg_mode, clip_ratio=_cfg_get(config, "clip_ratio", 0.2),
+        clip_ratio_low=_cfg_get(config, "clip_ratio_low"), clip_ratio_high=_cfg_get(config, "clip_ratio_high"),
+        clip_ratio_c=_cfg_get(config, "clip_ratio_c", VERL_CLIP_RATIO_C),
+        global_batch_info=_cfg_get(config, "global_batch_info") or {},
+    )  # fmt: skip
+
+
+def verl_policy_loss_kwargs(config: Any, loss_agg_mode: str = "token-mean") -> dict[str, Any]:
+    """``fused_linear_policy_loss`` keyword arguments that give verl's ``vanilla`` loss for a verl actor config: the
+    fields of :func:`verl_policy_loss` that it sets.
 
     Args:
         config: verl's ``ActorConfig`` (or a DictConfig / dict with the same keys).
@@ -261,45 +274,9 @@ def verl_policy_loss_kwargs(config: Any, loss_agg_mode: str = "token-mean") -> d
         >>> verl_policy_loss_kwargs({"clip_ratio": 0.2, "clip_ratio_high": 0.28})["clip_high"]
         0.28
     """
-    if config is None:
-        raise ValueError("config: verl's actor config is needed (clip_ratio, clip_ratio_low/high, clip_ratio_c)")
-    if loss_agg_mode not in VERL_LOSS_AGG_MODES:
-        raise ValueError(f"loss_agg_mode: expected one of {VERL_LOSS_AGG_MODES}, got {loss_agg_mode!r}")
-    clip = _cfg_get(config, "clip_ratio", 0.2)
-    low = _cfg_get(config, "clip_ratio_low")
-    high = _cfg_get(config, "clip_ratio_high")
-    clip_c = _cfg_get(config, "clip_ratio_c", VERL_CLIP_RATIO_C)
-    info = _cfg_get(config, "global_batch_info") or {}
-    dp = info.get("dp_size") or 1
-    normaliser: Any = None
-    max_length = None
-    if loss_agg_mode == "token-sum":
-        aggregation, normaliser = "token-mean", 1.0 / dp
-    elif loss_agg_mode == "token-mean":
-        aggregation = loss_agg_mode
-        if info.get("batch_num_tokens") is not None:
-            normaliser = info["batch_num_tokens"] / dp
-        elif dp > 1:
-            raise ValueError("config.global_batch_info: batch_num_tokens is needed when dp_size > 1 (as in verl)")
-    else:
-        aggregation = loss_agg_mode
-        if info.get("global_batch_size") is not None:
-            normaliser = info["global_batch_size"] / dp
-        elif dp > 1:
-            raise ValueError("config.global_batch_info: global_batch_size is needed when dp_size > 1 (as in verl)")
-        if loss_agg_mode == "seq-mean-token-sum-norm" and info.get("loss_scale_factor") is not None:
-            max_length = int(info["loss_scale_factor"])
-    if isinstance(normaliser, torch.Tensor):
-        normaliser = normaliser.detach().float()
-    return {
-        "clip_low": float(low if low is not None else clip),
-        "clip_high": float(high if high is not None else clip),
-        "dual_clip": float(clip_c),
-        "log_ratio_clamp": VERL_LOG_RATIO_CLAMP,
-        "aggregation": aggregation,
-        "normaliser": normaliser,
-        "max_length": max_length,
-    }
+    loss = verl_policy_loss(config, loss_agg_mode)
+    names = ("clip_low", "clip_high", "dual_clip", "log_ratio_clamp", "aggregation", "normaliser", "max_length")
+    return {name: getattr(loss, name) for name in names}
 
 
 def policy_loss_from_logprobs(
