@@ -196,6 +196,20 @@ def test_math_verify_timeout_bounds_a_pathological_answer():
     assert time.monotonic() - start < 30
 
 
+def test_a_comparison_past_the_timeout_is_a_wrong_answer_not_an_escape(monkeypatch):
+    """math-verify's TimeoutException is a BaseException: it must never escape compute_rewards' ``except
+    Exception`` and stop training."""
+    import time
+
+    import sympy
+
+    monkeypatch.setattr(rewards, "_MV_TIMEOUT_S", 1)
+    monkeypatch.setattr(sympy, "simplify", lambda *a, **k: time.sleep(60))
+    start = time.monotonic()
+    assert compute_rewards(["\\sqrt{4}"], ["2"]).rewards == [0.0]
+    assert time.monotonic() - start < 30
+
+
 def test_accuracy_reward_in_the_tasks_own_format():
     """The task's targets (its steps separate numbers with ", ") earn 1 against the item's answer in both modes; the
     same completion scored against an answer off by one, or by a digit moved (``"2,9"`` for 29), earns 0."""

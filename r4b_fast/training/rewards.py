@@ -205,11 +205,12 @@ def _mv_number_equal(mv, got: str, want: Decimal, want_int: bool) -> bool | None
     def exact(expr) -> bool:
         return bool(expr.is_number) and sympy.simplify(expr - gold) == 0
 
+    from math_verify.errors import TimeoutException  # a BaseException: `except Exception` would let it through
     from math_verify.utils import timeout as with_timeout
 
     try:
         return any(with_timeout(timeout)(exact)(e) for e in exprs)
-    except Exception:  # math_verify's TimeoutException or sympy failing: not a match
+    except (Exception, TimeoutException):  # sympy failing or taking longer than the timeout: not a match
         return False
 
 
