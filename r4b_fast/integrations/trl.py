@@ -148,10 +148,13 @@ class BPOTrainer(PrefixMixin, GRPOTrainer):
             raise ValueError("rollout_func: generates outside TRL's generation, where strict modes apply")
         self._bpo_local_modes: list[Mode] | None = None
         self._bpo_rewards_per_func: torch.Tensor | None = None
+        data = [kwargs.get("train_dataset"), kwargs.get("eval_dataset")]
+        early = not isinstance(model, str) and kwargs.get("processing_class") is not None
+        if early:  # before TRL's own set-up, which fails obscurely on some of these (e.g. a processor, a text model)
+            vision = check_vision(model, kwargs["processing_class"], data)
         super().__init__(model, reward_funcs, args, **kwargs)
         self._check_model()
-        self.bpo_vision = check_vision(self.model, self.processing_class,
-                                       [kwargs.get("train_dataset"), kwargs.get("eval_dataset")])  # fmt: skip
+        self.bpo_vision = vision if early else check_vision(self.model, self.processing_class, data)
         self.bpo_prefix_text, self.bpo_prefix_ids = self._mode_prefixes()
         self.bpo_decision = self._decision_tokens()
         self.bpo_strict_rules = self._strict_rules()
