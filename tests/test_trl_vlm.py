@@ -232,6 +232,7 @@ def _fused_logprobs(trainer, model, inputs, **override):
     keep = inputs["completion_ids"].size(1)
     hidden = captured["h"][:, -keep - 1 : -1]
     logp = (hidden @ model.lm_head.weight.T).float().log_softmax(-1)
+    _fused_logprobs.states = captured["h"]
     return logp.gather(-1, inputs["completion_ids"][..., None])[..., 0], metrics
 
 
@@ -271,6 +272,34 @@ def test_fused_logprobs_equal_each_rows_own_forward(tmp_path_factory, tmp_path, 
         assert "mm_token_type_ids" in str(err)
     else:
         assert (wrong[cmask] - want[cmask]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", FAMILY_PARAMS)
+def test_decision_state_is_each_rows_own_with_its_images(tmp_path_factory, tmp_path, name):
+    """The mode-decision loss reads, per row, the state before the decision token (a prompt position, left padding,
+    prefixes of different lengths): it equals that row's own forward with its images at that position."""
+    from r4b_fast.integrations.trl_loss import decision_positions
+
+    model, processor = build(name, tmp_path_factory)
+    trainer = make(name, tmp_path, model, processor, per_device_train_batch_size=8)
+    model.eval()
+    data = vlm_dataset(name)
+    inputs = trainer._generate_and_score_completions(batch(name))
+    _fused_logprobs(trainer, model, inputs)
+    states = _fused_logprobs.states
+    pos = decision_positions(trainer, inputs)
+    d = trainer.bpo_decision
+    pmask = inputs["prompt_mask"].bool()
+    width = pmask.size(1)
+    for r in range(pos.numel()):
+        assert int(inputs["prompt_ids"][r, pos[r] + 1]) == (d.think if r % 4 < 2 else d.no_think)
+        row = data[r // 4]
+        imgs = row["images"] if multi_image(name) else [row["image"]]
+        ids = inputs["prompt_ids"][r][pmask[r]]
+        ref = _row_reference(model, processor, name, ids, imgs)
+        at = int(pos[r]) - (width - int(pmask[r].sum()))  # the same position in the unpadded row
+        mine = (states[r, pos[r]] @ model.lm_head.weight.T).float().log_softmax(-1)
+        torch.testing.assert_close(mine, ref[at], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not HAS_R4B, reason="r4b_fast/models/r4b.py is not in this tree")
