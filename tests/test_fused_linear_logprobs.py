@@ -2,6 +2,7 @@
 that materialise the logits, gradients by autograd, bf16 numerics, the policy-loss formulas written out in loops,
 bad input, torch.compile, and the torch backend's memory."""
 
+import dataclasses
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from r4b_fast.backends import BackendUnavailableError
 from r4b_fast.ops import fused_linear_logprobs as flp
 from r4b_fast.ops.fused_linear_logprobs import (
     AGGREGATIONS,
+    PolicyLoss,
     fused_linear_logprobs,
     fused_linear_logprobs_ref,
     fused_linear_policy_loss,
@@ -587,6 +589,67 @@ def test_bad_input_policy_loss():
         call(normaliser=0)
     with pytest.raises(ValueError, match=r"targets: 1 value\(s\) outside \[0, V=29\)"):
         call(targets=torch.where(torch.arange(18).view(3, 6) == 0, 999, y))  # mask[0, 0] is set
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PolicyLoss: the settings as one frozen, validated object
+# ----------------------------------------------------------------------------------------------------------------
+def test_policy_loss_settings_object_equals_the_keyword_form():
+    h, w, y, adv, mask, old, ref = _policy_case(4)
+    settings = dict(clip_low=0.1, clip_high=0.28, dual_clip=3.0, beta=0.05, entropy_coef=0.01,
+                    aggregation="seq-mean-token-sum-norm", max_length=9, normaliser=torch.tensor(2.0),
+                    log_ratio_clamp=(-5.0, 3.0), kl_log_ratio_clamp=20.0, kl_clamp=10.0)
+    results = []
+    for kw in (settings, dict(loss=PolicyLoss(**settings))):
+        hh = h.clone().requires_grad_()
+        loss, metrics = fused_linear_policy_loss(hh, w, y, adv, mask, old_logprobs=old, ref_logprobs=ref, **kw)
+        results.append((loss.detach(), torch.autograd.grad(loss, hh)[0], metrics["kl"]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_policy_loss_settings_are_validated_once_and_named():
+    h, w, y, adv, mask, old, ref = _policy_case(1)
+    with pytest.raises(TypeError, match="beta: given together with loss="):
+        fused_linear_policy_loss(h, w, y, adv, mask, loss=PolicyLoss(), beta=0.1)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['clip_ratio'\]"):
+        fused_linear_policy_loss(h, w, y, adv, mask, clip_ratio=0.2)
+    with pytest.raises(TypeError, match="loss: expected a PolicyLoss"):
+        fused_linear_policy_loss(h, w, y, adv, mask, loss=dict(beta=0.1))
+    for field, bad, error in (("clip_high", -0.1, ValueError), ("clip_low", "0.2", ValueError),
+                              ("dual_clip", math.inf, ValueError), ("max_length", 0, ValueError),
+                              ("rollout_is_level", "batch", ValueError), ("rollout_is_cap", 0.0, ValueError),
+                              ("normaliser", torch.ones(2), ValueError), ("normaliser", torch.tensor(True), TypeError),
+                              ("aggregation", "token-sum", ValueError)):  # fmt: skip
+        with pytest.raises(error, match=f"^{field}: "):
+            PolicyLoss(**{field: bad})
+    settings = PolicyLoss(rollout_is_level="token")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.beta = 0.1
+    with pytest.raises(ValueError, match="clip_low: must be < 1"):
+        settings.replace(clip_low=1.0)
+    with pytest.raises(ValueError, match="rollout_is_weights: needed"):
+        fused_linear_policy_loss(h, w, y, adv, mask, old_logprobs=old, loss=settings)
+    weights = settings.rollout_is_weights(old, ref, mask)
+    torch.testing.assert_close(weights, rollout_importance_weights(old, ref, mask, cap=2.0, level="token"))
+    loss, metrics = fused_linear_policy_loss(h, w, y, adv, mask, old_logprobs=old, rollout_is_weights=weights,
+                                             loss=settings)  # fmt: skip
+    assert torch.isfinite(loss) and "rollout_is_mean" in metrics
+
+
+def test_ignored_rows_are_masked_only_when_not_finite():
+    """The non-finite-row flag comes from the op's one value-check sync: finite hidden states (the usual case) are
+    never copied; a NaN at an ignored row switches the chunk masking on."""
+    from r4b_fast.ops.lm_head.registration import _head
+
+    h, w, b, y, temp, _, _ = _data(7, 8, 31)
+    assert (y == -100).any()
+    assert not _head(h, w, b, y, temp, -100, "torch").mask_rows
+    h[y == -100] = float("nan")
+    assert _head(h, w, b, y, temp, -100, "torch").mask_rows
+    h[y != -100] = float("nan")  # NaN at a valid row is the caller's: not masked
+    h[y == -100] = 0.0
+    assert not _head(h, w, b, y, temp, -100, "torch").mask_rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
