@@ -54,11 +54,75 @@ def select_cache(cache, index: torch.Tensor) -> None:
     cache.batch_select_indices(index)
 
 
+def _growing_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A ``DynamicLayer`` whose keys / values are views ``[:, :, :n]`` of buffers with room for ``headroom``
+        more positions: appending a decoded token writes it in place, where ``DynamicLayer.update`` concatenates
+        (a copy of the whole cache per step and layer). Batch indexing (expand, compact) copies the buffers."""
+
+        headroom = 256
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self._kbuf = self._vbuf = None
+            n, add = self.get_seq_length(), key_states.shape[-2]
+            if self._kbuf is None or n + add > self._kbuf.shape[-2]:
+                kb = key_states.new_empty(*key_states.shape[:2], n + add + self.headroom, key_states.shape[-1])
+                vb = value_states.new_empty(*value_states.shape[:2], n + add + self.headroom, value_states.shape[-1])
+                if n:
+                    kb[:, :, :n], vb[:, :, :n] = self.keys, self.values
+                self._kbuf, self._vbuf = kb, vb
+            self._kbuf[:, :, n : n + add] = key_states
+            self._vbuf[:, :, n : n + add] = value_states
+            self.keys, self.values = self._kbuf[:, :, : n + add], self._vbuf[:, :, : n + add]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            if self.get_seq_length() > 0:
+                n = self.get_seq_length()
+                self._kbuf, self._vbuf = self._kbuf.index_select(0, indices), self._vbuf.index_select(0, indices)
+                self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self.batch_select_indices(torch.arange(self.keys.shape[0], device=self.keys.device)
+                                      .repeat_interleave(repeats))  # fmt: skip
+
+        def reorder_cache(self, beam_idx) -> None:
+            self.batch_select_indices(beam_idx.to(self.keys.device))
+
+        def crop(self, tokens_to_remove: int) -> None:
+            super().crop(tokens_to_remove)
+            if self.is_initialized and self.keys is not None:
+                n = self.keys.shape[-2]
+                self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
+
+    return GrowingLayer
+
+
+def growing_cache(model, headroom: int):
+    """``new_cache(model)`` whose full-attention layers append in place (:func:`_growing_layer_class`), with room
+    for ``headroom`` decoded positions after the prompt; other layer kinds (sliding windows) are kept as they are."""
+    from transformers.cache_utils import DynamicLayer
+
+    cache = new_cache(model)
+    cls = _growing_layer_class()
+    cls.headroom = max(1, int(headroom))
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer and not layer.is_initialized:
+            cache.layers[i] = cls()
+    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+        cache.layer_class_to_replicate = cls
+    return cache
+
+
 def generate_shared(model, spec: RolloutSpec, *, compact_below: float = 0.75) -> dict:
     """Decode every rollout of ``spec``, prefilling each prompt once and dropping finished rows; returns the
     fields of ``RolloutResult`` (rows in rollout order)."""
     device, R, N = spec.device, spec.rows, spec.max_new_tokens
-    cache = new_cache(model)
+    cache = growing_cache(model, headroom=N)
     ckw = cache_kwarg(model)
     members = sorted(set(spec.row_prompt))
     logits, attn, next_pos = prefill(model, spec, members, cache)
