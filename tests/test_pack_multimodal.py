@@ -419,7 +419,7 @@ def _long_batch(seed):
 
 def _spy_widths(monkeypatch):
     """Record the copy width each launcher chose (copy_unit_bytes is looked up in both modules)."""
-    import r4b_fast.ops.pack_multimodal as ops_mod
+    import r4b_fast.ops.pack_multimodal.kernel_backends as ops_mod  # the cuda launcher's module
 
     seen, original = [], ops_mod.copy_unit_bytes
 
