@@ -11,7 +11,7 @@ import types
 
 import torch
 
-from r4b_fast.integrations.trl_config import LOSS_TYPES
+from r4b_fast import PolicyLoss
 from r4b_fast.ops.fused_linear_logprobs import fused_linear_policy_loss
 from r4b_fast.training.mode_decision import mode_decision_loss
 
@@ -61,47 +61,52 @@ def install_loss_forward(model) -> None:
         with torch.autocast(at.device.type, enabled=False):  # two logits per row: fp32 whatever the autocast
             term, m = mode_decision_loss(at.float(), weight, dataclasses.replace(decision["tokens"], position=0),
                                          decision["targets"], decision["weights"], temperature=spec["temperature"],
-                                         normaliser=spec["normaliser"])  # fmt: skip
+                                         normaliser=_normaliser(spec["loss"], spec["mask"]))  # fmt: skip
         metrics = {**metrics, "decision_loss": term.detach(), "decision_p_think": m["decision_p_think"].mean()}
         return loss + decision["coef"] * term, metrics
 
     model.forward = types.MethodType(forward, model)
 
 
+def _normaliser(settings, mask):
+    """The policy loss's denominator for this micro-batch (the preset's, else the call's own count)."""
+    if settings.normaliser is not None:
+        return settings.normaliser
+    if settings.aggregation == "token-mean":
+        return mask.sum().clamp(min=1).float()
+    return float(mask.size(0))
+
+
 def policy_loss_spec(self, inputs, mask) -> dict:
-    """``fused_linear_policy_loss``'s arguments for TRL's settings (``self``: the trainer) and this micro-batch."""
-    mode = "train" if self.model.training else "eval"
-    accum = self.current_gradient_accumulation_steps if mode == "train" else 1  # no accumulation in eval
-    rows = inputs["completion_ids"].size(0)
-    max_length = None
-    if self.loss_type in ("grpo", "dr_grpo"):  # TRL: mean over the micro-batch's rows, / accumulation steps
-        normaliser = float(rows * accum)
-        max_length = self.max_completion_length if self.loss_type == "dr_grpo" else None
-    elif self.loss_type == "bnpo":  # tokens of this micro-batch, / accumulation steps
-        normaliser = mask.sum().clamp(min=1).float() * accum
-    else:  # dapo: the generation batch's tokens (all processes), rescaled to one accumulation window
-        normaliser = inputs["num_items_in_batch"].clamp(min=1.0).float() / self.accelerator.num_processes
-        if mode == "train":
-            normaliser = normaliser * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+    """``fused_linear_policy_loss``'s arguments for TRL's settings (``self``: the trainer) and this micro-batch: the
+    loss settings are ``PolicyLoss.trl`` of the ``GRPOConfig`` (the preset checked against TRL's own loss), with
+    this micro-batch's counts."""
+    train = self.model.training
+    accum = self.current_gradient_accumulation_steps if train else 1  # no accumulation in eval
+    settings = PolicyLoss.trl(
+        self.loss_type, epsilon=float(self.epsilon_low), epsilon_high=float(self.epsilon_high), beta=float(self.beta),
+        importance_sampling_level=self.importance_sampling_level, max_completion_length=self.max_completion_length,
+        entropy_coef=float(self.entropy_coef or 0.0), gradient_accumulation_steps=accum,
+        num_sequences=inputs["completion_ids"].size(0), num_tokens=mask.sum(),
+        num_items_in_batch=inputs["num_items_in_batch"], num_processes=self.accelerator.num_processes,
+        steps_per_generation=self.args.steps_per_generation if train else 1,
+    )  # fmt: skip
     spec = dict(
         targets=inputs["completion_ids"], advantages=inputs["advantages"], mask=mask,
         old_logprobs=inputs.get("old_per_token_logps"),
         ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
-        beta=float(self.beta), clip_low=float(self.epsilon_low), clip_high=float(self.epsilon_high),
-        temperature=float(self.temperature), aggregation=LOSS_TYPES[self.loss_type], normaliser=normaliser,
-        max_length=max_length, importance_level=self.importance_sampling_level,
+        temperature=float(self.temperature), loss=settings,
         logits_to_keep=inputs["completion_ids"].size(1), cast_lm_head_to_fp32=bool(self.args.cast_lm_head_to_fp32),
     )  # fmt: skip
-    if self.entropy_coef:  # TRL's bonus: a token mean whatever the loss_type, / accumulation steps
-        spec.update(entropy_coef=float(self.entropy_coef) / accum, entropy_aggregation="token-mean")
     if self.use_vllm and self.vllm_importance_sampling_correction:  # TRL's ratio: [B, T] per token, [B, 1] per seq
-        weights = inputs["importance_sampling_ratio"]
+        weights = inputs["importance_sampling_ratio"]  # any vllm_importance_sampling_mode, as TRL computed it
         spec["rollout_is_weights"] = weights.squeeze(-1) if weights.size(-1) == 1 else weights
     if self.bpo_decision is not None and "bpo_decision_target" in inputs:
         spec["decision"] = dict(tokens=self.bpo_decision, positions=decision_positions(self, inputs),
                                 targets=inputs["bpo_decision_target"], weights=inputs["bpo_decision_weight"],
                                 coef=float(self.args.decision_coef))  # fmt: skip
     return spec
+
 
 def decision_positions(self, inputs) -> torch.Tensor:
     """``[B]`` int64: per row, the index in ``cat(prompt, completion)`` of the hidden state that predicts the
