@@ -228,3 +228,23 @@ def test_vllm_and_transformers_processors_agree_on_random_rows():
         ids = torch.cat([ids, nxt], 1)
         for o, t in zip(outputs, nxt[:, 0].tolist()):
             o.append(t)
+
+
+def test_strict_auto_through_the_trainer(tmp_path):
+    """``mode_split=False, strict_auto=True``: every rollout starts with the prefixes' common part (``<think>``) and
+    one of the two decision tokens, on a model biased against both; the trainer's rules say so."""
+    tok = build_tokenizer()
+    bias = torch.zeros(len(tok))
+    bias[tok.convert_tokens_to_ids("<think>")] = -6.0
+    bias[tok.eos_token_id] = 4.0
+    model = with_logit_bias(tiny_model(tok), bias)
+    trainer = make_trainer(tmp_path, reward=Recorder(), model=model, tok=tok, mode_split=False, strict_auto=True,
+                           decision_coef=0.0)  # fmt: skip
+    rules = trainer.bpo_strict_rules
+    assert rules.auto_common == (tok.convert_tokens_to_ids("<think>"),)
+    assert set(rules.decision) == set(tok.convert_tokens_to_ids(["\n", "\n\n"]))
+    trainer.model.train()
+    out = trainer._generate_and_score_completions(batch_inputs())
+    for ids, m in zip(out["completion_ids"], out["completion_mask"]):
+        row = ids[m.bool()].tolist()
+        assert row[0] == rules.auto_common[0] and row[1] in rules.decision
