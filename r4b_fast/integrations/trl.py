@@ -2,7 +2,7 @@
 
 R-4B's BPO is GRPO in which every prompt's ``2g`` rollouts are split into ``g`` forced into thinking mode and ``g``
 forced into non-thinking mode, with advantages normalised over the mixed group of ``2g``. :class:`BPOTrainer` is a
-``trl.GRPOTrainer`` subclass that overrides four of its hooks (no TRL code is copied):
+``trl.GRPOTrainer`` subclass that overrides six of its hooks (no TRL code is copied):
 
 - ``_generate_and_score_completions``: marks each rollout with its mode before TRL generates and scores, then
   replaces TRL's advantages by ``r4b_fast.group_advantages(..., estimator="bpo", modes=...)`` over the same rewards
@@ -10,12 +10,17 @@ forced into non-thinking mode, with advantages normalised over the mixed group o
 - ``_tokenize_prompts``: appends the mode prefix to each tokenized prompt, after the chat template's generation
   prompt. TRL's own generation (transformers ``generate`` or vLLM, both take the prompt ids) then continues a forced
   mode, and the training forward sees the prefix as prompt (not trained), as in R-4B where the mode is chosen by what
-  follows the assistant turn;
+  follows the assistant turn; per-token ``mm_token_type_ids`` get text (0) for the prefix;
+- ``_generate_single_turn``: TRL's generation with the strict-mode logits processor (``BPOConfig.min_think_tokens``
+  / ``no_reopen`` / ``strict_auto``) and its ``strict/*`` metrics;
+- ``_get_per_token_logps_and_entropies``: TRL's forward with token types rebuilt from the ids it is given (its own
+  come from a second processor call without the prefix, padded on the processor's side);
 - ``_calculate_rewards``: keeps TRL's gathered per-function rewards for the advantage above;
 - ``_compute_loss``: ``r4b_fast.fused_linear_policy_loss`` on the backbone's last hidden states and the LM-head
   weight, run inside the model's forward (so DDP / FSDP / DeepSpeed wrappers see one forward), without the
   ``[T, V]`` logits; TRL's ``loss_type``, ``epsilon`` / ``epsilon_high``, ``beta``, ``temperature``,
-  ``entropy_coef``, ``importance_sampling_level`` and vLLM's ``importance_sampling_ratio`` map to its arguments.
+  ``entropy_coef``, ``importance_sampling_level`` map to ``PolicyLoss.trl(...)``, vLLM's
+  ``importance_sampling_ratio`` to ``rollout_is_weights``.
   With the split it adds BPO's mode-decision loss (``r4b_fast.training.mode_decision``, ``BPOConfig.decision_coef``).
 
 The mode-decision loss: the two prefixes part at one token (``"\\n"`` vs ``"\\n\\n"`` after ``<think>`` with a
