@@ -73,7 +73,8 @@ CONFIGS = {
 @pytest.mark.parametrize("candidates", [1024, 8], ids=["candidates", "full-vocab-fallback"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_torch_frequencies_match_reference(config, candidates, monkeypatch):
-    monkeypatch.setattr(sampling, "CANDIDATES", candidates)  # 8: most rows take the exact bisection fallback
+    # 8: most rows take the exact bisection fallback
+    monkeypatch.setattr(sampling.torch_backend, "CANDIDATES", candidates)
     V, N = 64, 20000
     gen = torch.Generator().manual_seed(list(CONFIGS).index(config))
     base = torch.randn(V, generator=gen) * 1.5
@@ -144,7 +145,7 @@ def test_inverse_cdf_exact_against_reference(backend_device):
 
 def test_inverse_cdf_exact_torch_fallback(monkeypatch):
     """The torch backend's full-vocabulary fallback (4 candidates: most rows overflow) against the same oracle."""
-    monkeypatch.setattr(sampling, "CANDIDATES", 4)
+    monkeypatch.setattr(sampling.torch_backend, "CANDIDATES", 4)
     test_inverse_cdf_exact_against_reference(("torch", "cpu"))
 
 
@@ -235,7 +236,7 @@ def test_multi_block_rows_against_reference(backend_device):
 
 def test_multi_block_torch_histogram_path(monkeypatch):
     """The torch backend with few candidates: rows go through the flat-row test and the histogram thresholds."""
-    monkeypatch.setattr(sampling, "CANDIDATES", 64)
+    monkeypatch.setattr(sampling.torch_backend, "CANDIDATES", 64)
     test_multi_block_rows_against_reference(("torch", "cpu"))
 
 
