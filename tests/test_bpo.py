@@ -150,6 +150,7 @@ def test_bpo_passes_the_strict_modes_to_rollouts_and_evaluation(tmp_path, tiny_p
     """--min-think-tokens / --no-reopen reach every generate_rollouts call of the loop (training rollouts and the
     held-out evaluation); the defaults are on (4, True)."""
     import r4b_fast.training.bpo as bpo
+    import r4b_fast.training.bpo_step as bpo_step
     import r4b_fast.training.evaluation as evaluation
     from r4b_fast.training.rollout import generate_rollouts
 
@@ -159,7 +160,7 @@ def test_bpo_passes_the_strict_modes_to_rollouts_and_evaluation(tmp_path, tiny_p
         seen.append((kwargs["min_think_tokens"], kwargs["no_reopen"]))
         return generate_rollouts(*args, **kwargs)
 
-    monkeypatch.setattr(bpo, "generate_rollouts", spy)
+    monkeypatch.setattr(bpo_step, "generate_rollouts", spy)  # the step's generate stage
     monkeypatch.setattr(evaluation, "generate_rollouts", spy)
     common = ["--model", str(tiny_policy_dir), "--steps", "1", "--prompts", "1", "--g", "1", "--max-new-tokens", "8",
               "--eval-items", "2", "--eval-every", "1"]
@@ -190,6 +191,8 @@ def test_bpo_trains_the_mode_decision_towards_the_better_half(tmp_path, tiny_pol
     (the thinking half earns the reward: every row pushed to THINK, weight |S| / 2g); --decision-coef 0: no
     decision loss."""
     import r4b_fast.training.bpo as bpo
+    import r4b_fast.training.bpo_loss as bpo_loss
+    import r4b_fast.training.bpo_step as bpo_step
 
     seen, decided = [], []
 
@@ -201,14 +204,14 @@ def test_bpo_trains_the_mode_decision_towards_the_better_half(tmp_path, tiny_pol
         decided.append((tokens, targets.clone(), row_weights.clone()))
         return real_decision(hidden, weight, tokens, targets, row_weights, **kwargs)
 
-    real, real_decision = bpo.fused_linear_policy_loss, bpo.mode_decision_loss
+    real, real_decision = bpo_loss.fused_linear_policy_loss, bpo_loss.mode_decision_loss
     rollouts_seen = []
-    real_generate = bpo.generate_rollouts
-    monkeypatch.setattr(bpo, "fused_linear_policy_loss", spy)
-    monkeypatch.setattr(bpo, "mode_decision_loss", spy_decision)
+    real_generate = bpo_step.generate_rollouts
+    monkeypatch.setattr(bpo_loss, "fused_linear_policy_loss", spy)
+    monkeypatch.setattr(bpo_loss, "mode_decision_loss", spy_decision)
     # the thinking half earns the reward: positive advantages there, negative in the non-thinking half
-    monkeypatch.setattr(bpo, "accuracy_reward", lambda text, answer: float(not text.startswith("<think>\n\n")))
-    monkeypatch.setattr(bpo, "generate_rollouts", lambda *a, **k: rollouts_seen.append(real_generate(*a, **k))
+    monkeypatch.setattr(bpo_step, "accuracy_reward", lambda text, answer: float(not text.startswith("<think>\n\n")))
+    monkeypatch.setattr(bpo_step, "generate_rollouts", lambda *a, **k: rollouts_seen.append(real_generate(*a, **k))
                         or rollouts_seen[-1])  # fmt: skip
     argv = ["--model", str(tiny_policy_dir), "--steps", "1", "--prompts", "2", "--g", "2", "--max-new-tokens", "8",
             "--eval-items", "0", "--output-dir", str(tmp_path), *flag]

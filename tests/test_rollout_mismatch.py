@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from r4b_fast import fused_linear_policy_loss, logprob_mismatch, rollout_importance_weights
-from r4b_fast.training import bpo
+from r4b_fast.training import bpo, bpo_loss, bpo_step
 from r4b_fast.training.common import read_metrics
 
 MISMATCH_KEYS = ("mismatch/abs_mean", "mismatch/abs_max", "mismatch/k3")
@@ -23,7 +23,7 @@ def _run(tmp_path, model_dir, *extra):
 
 def test_own_engine_mismatch_is_small_every_step(tmp_path, tiny_policy_dir):
     """KV-cache sampling and the packed training forward agree to float32 rounding on CPU."""
-    log = _run(tmp_path, tiny_policy_dir)
+    log = _run(tmp_path, tiny_policy_dir, "--mismatch-every", "1")
     assert [r["step"] for r in log] == [1, 2]
     for rec in log:
         assert all(k in rec for k in MISMATCH_KEYS), rec.keys()
@@ -36,22 +36,22 @@ def test_own_engine_mismatch_is_small_every_step(tmp_path, tiny_policy_dir):
 def test_perturbed_rollout_is_measured_and_weighted(tmp_path, tiny_policy_dir, monkeypatch, level):
     """A rollout engine that reports every sampled token's log-prob 0.5 too high: the loop measures |d| = 0.5 on the
     policy's tokens, and --rollout-is hands the loss min(exp(-0.5), cap) per token (exp(-0.5 n) per sequence)."""
-    real = bpo.generate_rollouts
+    real = bpo_step.generate_rollouts
 
     def shifted(*args, **kwargs):
         out = real(*args, **kwargs)
         out.logprobs = torch.where(out.policy_mask, out.logprobs + 0.5, out.logprobs)
         return out
 
-    monkeypatch.setattr(bpo, "generate_rollouts", shifted)
+    monkeypatch.setattr(bpo_step, "generate_rollouts", shifted)
     seen = []
-    real_loss = bpo.fused_linear_policy_loss
+    real_loss = bpo_loss.fused_linear_policy_loss
 
     def spy(*args, **kwargs):
         seen.append((args[4].clone(), kwargs["rollout_is_weights"]))
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(bpo, "fused_linear_policy_loss", spy)
+    monkeypatch.setattr(bpo_loss, "fused_linear_policy_loss", spy)
     log = _run(tmp_path, tiny_policy_dir, "--rollout-is", level, "--rollout-is-cap", "1.5")
     for rec in log:
         assert rec["mismatch/abs_mean"] == pytest.approx(0.5, abs=1e-4)

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -24,17 +24,16 @@ from tqdm.auto import tqdm
 from r4b_fast import fused_linear_logprobs
 from r4b_fast.models.chat import ChatFormat
 from r4b_fast.modes import Mode
+from r4b_fast.training.annealing_args import SETTINGS, build_parser, check_values
+from r4b_fast.training.bpo_loss import enable_gradient_checkpointing
 from r4b_fast.training.common import (
     CheckpointError,
     LossModule,
     MetricsLogger,
     NonFiniteError,
-    add_device_arguments,
-    add_run_arguments,
     apply_learning_rates,
     autocast,
     check_finite_step,
-    check_range,
     check_resume,
     device_from_arguments,
     init_distributed,
@@ -48,22 +47,17 @@ from r4b_fast.training.common import (
 )
 from r4b_fast.training.evaluation import (
     ModeTokens,
-    add_strict_mode_arguments,
-    check_strict_mode_arguments,
     evaluate_held_out,
 )
+from r4b_fast.training.guards import Preemption, WeightGuard
 from r4b_fast.training.task import (
-    AUTO_FRACTION,
-    AUTO_THINK_PROB_HARD,
-    HARD_FRACTION,
     IMAGE_TOKEN,
-    THINK_LABEL_PROB_HARD,
-    THINK_PROB_EASY,
     Item,
     annealing_mix,
     build_tokenizer,
     sample_items,
 )
+from r4b_fast.training.threads import Progress, set_threads
 from r4b_fast.training.tiny_model import build_tiny_r4b, parameter_groups
 from r4b_fast.training.vision import ImageEncoder
 
@@ -144,59 +138,9 @@ def _annealing_data(args, tokenizer, n_img, fmt: ChatFormat | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m r4b_fast.training.annealing", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=None,
-                        help="start from this model (folder or hub id): LLaVA-OneVision, R-4B, Qwen2.5-VL or "
-                             "Qwen3-VL; default: a fresh tiny R-4B-architecture model")  # fmt: skip
-    parser.add_argument("--dataset", type=Path, default=None,
-                        help="jsonl/parquet rows with image, question, answer, mode (think/no_think) and thought "
-                             "(for think rows); default: the embedded task with R-4B-style labels")  # fmt: skip
-    parser.add_argument("--on-bad-row", choices=("raise", "skip"), default="raise",
-                        help="a row without answer or mode, an undecodable image, a think row without thought, a "
-                             "prompt over --max-prompt-tokens")  # fmt: skip
-    parser.add_argument("--max-prompt-tokens", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr-llm", type=float, default=2e-3)
-    parser.add_argument("--lr-projector", type=float, default=2e-3)
-    parser.add_argument("--lr-vision", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--hard-fraction", type=float, default=HARD_FRACTION, help="embedded task: share of hard items")
-    parser.add_argument("--think-prob-hard", type=float, default=THINK_LABEL_PROB_HARD,
-                        help="embedded task: forced examples, probability that a hard item is labelled thinking")
-    parser.add_argument("--auto-fraction", type=float, default=AUTO_FRACTION,
-                        help="embedded task: share of auto examples (mode decision after <think> supervised)")
-    parser.add_argument("--auto-think-prob-hard", type=float, default=AUTO_THINK_PROB_HARD,
-                        help="embedded task: auto examples, probability that a hard item thinks (low: atrophy)")
-    parser.add_argument("--think-prob-easy", type=float, default=THINK_PROB_EASY,
-                        help="embedded task: forced examples, probability that an easy item is labelled thinking")
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--eval-items", type=int, default=128, help="0 skips the final evaluation")
-    add_strict_mode_arguments(parser)
-    parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/annealing"))
-    add_run_arguments(parser)
-    add_device_arguments(parser)
-    parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: die like a kill
+    parser = build_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "hidden_size", "layers", "max_prompt_tokens"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("warmup", "eval_items", "save_every"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not 0 <= args.seed < 2**32:
-        parser.error(f"--seed: expected an integer in [0, 2^32), got {args.seed}")
-    for flag in ("--hard-fraction", "--think-prob-hard", "--auto-fraction", "--auto-think-prob-hard",
-                 "--think-prob-easy"):
-        check_range(parser, flag, getattr(args, flag[2:].replace("-", "_")), high=1.0, low_inclusive=True)
-    check_strict_mode_arguments(parser, args)
-    for flag in ("--lr-llm", "--lr-projector", "--lr-vision"):  # 0 freezes that part; negative is gradient ascent
-        check_range(parser, flag, getattr(args, flag[2:].replace("-", "_")), low_inclusive=True)
-    if args.dataset is not None and not args.dataset.exists():
-        parser.error(f"--dataset: {args.dataset} does not exist")
+    check_values(parser, args)
     device, precision = device_from_arguments(parser, args)
     args.precision = precision  # recorded resolved: "auto" means bf16 on a GPU, fp32 on a CPU
     # the run folder and a resume's settings are checked before anything loads
@@ -205,20 +149,55 @@ def main(argv: list[str] | None = None) -> int:
     changes = [] if manifest is None else check_resume(parser, args, manifest, settings)
     try:
         return _train(args, device, precision, settings, changes)
-    except (CheckpointError, NonFiniteError) as err:  # a full disk, a NaN: the message says what and where
+    except (CheckpointError, NonFiniteError) as err:  # a full disk, a NaN, a divergence: says what and where
         raise SystemExit(f"annealing: {err}") from err
 
 
-# the settings that alter the math of a step (the cosine schedule spans --steps): a resume with other values is
-# refused unless --allow-changed-settings
-# (the strict-mode flags only change the final evaluation, not a step)
-SETTINGS = ("model", "dataset", "on_bad_row", "max_prompt_tokens", "steps", "batch_size", "lr_llm", "lr_projector",
-            "lr_vision", "warmup", "hidden_size", "layers", "seed", "precision", "hard_fraction", "think_prob_hard",
-            "auto_fraction", "auto_think_prob_hard", "think_prob_easy")
+@dataclass
+class SftRun:
+    """What stays fixed over an annealing run (the model FSDP2-sharded inside ``loss_module`` under torchrun)."""
+
+    args: argparse.Namespace
+    device: torch.device
+    precision: str
+    settings: dict
+    model: torch.nn.Module
+    tokenizer: object
+    encoder: ImageEncoder
+    fmt: ChatFormat
+    loss_module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    data: tuple  # (items, mode labels, auto flags) per data position
+    rank: int = 0
+    world: int = 1
+    guard: WeightGuard | None = None  # armed on the weights the run starts from
+
+    def n_img(self, item) -> int:
+        """Every image size is measured on the plain model (``ImageEncoder.count`` needs one)."""
+        return self.encoder.count(self.model, item)
 
 
-def _train(args, device, precision, settings: dict, changes: list[str]) -> int:
+@dataclass
+class SftBatch:
+    """One step's SFT batch on this rank, and the global token normaliser."""
 
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    images: list
+    n_global: torch.Tensor
+
+
+@dataclass
+class SftResult:
+    loss: float  # the global token mean (what one process would log)
+    grad_norm: float
+    tokens: int
+
+
+def setup(args, device, precision, settings: dict) -> SftRun:
+    """The model (fresh tiny, or --model), the data positions, optimizer and warm-up + cosine schedule."""
     set_seed(args.seed)
     rank, world = init_distributed(device)
     if world > 1 and args.batch_size % world:
@@ -228,111 +207,182 @@ def _train(args, device, precision, settings: dict, changes: list[str]) -> int:
         model = build_tiny_r4b(tokenizer, hidden_size=args.hidden_size, layers=args.layers, seed=args.seed).to(device)
     else:
         model, tokenizer = load_model(args.model, device)
-    model_class, model_config = type(model), model.config
+    set_threads(args.threads, model, device, verbose=rank == 0)
+    if args.gradient_checkpointing:
+        model.train()
+        enable_gradient_checkpointing(model)
     encoder = ImageEncoder.for_model(model, args.model)
     fmt = ModeTokens.from_tokenizer(tokenizer, model).format  # the chat template's prompts, the project's without
-
-    def n_img(item):  # every image size is measured here, before sharding (ImageEncoder.count needs a plain model)
-        return encoder.count(model, item)
-
-    train_items, train_modes, train_auto = _annealing_data(args, tokenizer, n_img, fmt)
+    run = SftRun(args, device, precision, settings, model, tokenizer, encoder, fmt, None, None, None, None, rank,
+                 world)  # fmt: skip
+    run.data = _annealing_data(args, tokenizer, run.n_img, fmt)
     if args.dataset is None:
-        n_img(train_items[0])  # the embedded task: one image size
+        run.n_img(run.data[0][0])  # the embedded task: one image size, measured before sharding
     # the loss as a module: FSDP2's root under torchrun (same seeded weights on every rank), a plain wrapper alone
-    loss_module = shard_model(model, sft_loss, device) if world > 1 else LossModule(model, sft_loss)
-    optimizer = torch.optim.AdamW(parameter_groups(model, args.lr_vision, args.lr_projector, args.lr_llm))
-    base_lrs = [group["lr"] for group in optimizer.param_groups]  # this run's: a resume restores the checkpoint's
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, args.steps, args.warmup))
-    checkpoint_dir = args.output_dir / "checkpoint"
-    start_step = 0
+    run.loss_module = shard_model(model, sft_loss, device) if world > 1 else LossModule(model, sft_loss)
+    run.optimizer = torch.optim.AdamW(parameter_groups(model, args.lr_vision, args.lr_projector, args.lr_llm))
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        run.optimizer, lambda s: cosine_with_warmup(s, args.steps, args.warmup))
+    return run
+
+
+def resume(run: SftRun, changes: list[str]) -> int:
+    """Load the checkpoint under --resume (this run's learning rates, not the checkpoint's) and arm the weight
+    guard on the weights the run starts from. Returns the first step to run (0-based)."""
+    args, start_step = run.args, 0
+    base_lrs = [group["lr"] for group in run.optimizer.param_groups]  # this run's: a resume restores the checkpoint's
     if args.resume:
-        loaded = load_checkpoint(checkpoint_dir, loss_module, optimizer, scheduler)
+        loaded = load_checkpoint(args.output_dir / "checkpoint", run.loss_module, run.optimizer, run.scheduler)
         start_step = loaded["step"]
-        if rank == 0:
+        if run.rank == 0:
             print(f"resumed from {loaded['path']} at step {start_step}")
             for change in changes:
                 print(f"resume: changed setting {change} (--allow-changed-settings)")
-        apply_learning_rates(optimizer, scheduler, base_lrs)
-        if start_step >= args.steps and rank == 0:
+        apply_learning_rates(run.optimizer, run.scheduler, base_lrs)
+        if start_step >= args.steps and run.rank == 0:
             print(f"the checkpoint is at the last step ({start_step} of --steps {args.steps}): nothing left to train")
-    logger = MetricsLogger(args.output_dir, resume_step=start_step if args.resume else None) if rank == 0 else None
-    think_share = sum(m == Mode.THINK for m in train_modes) / len(train_modes)
-    auto_share = sum(train_auto) / len(train_auto)
-    if rank == 0:
-        print(f"annealing: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {args.steps} steps x "
-              f"{args.batch_size}, {think_share:.0%} thinking labels, {auto_share:.0%} auto examples, {world} "
-              f"process(es), {device}, {precision}")
-    start = time.perf_counter()
-    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="annealing",
-                    disable=None if rank == 0 else True)
-    share = args.batch_size // world
-    for step in progress:
-        # data position = step: items (and their images) are a function of (seed, index), so resume is exact;
-        # under torchrun each rank takes its contiguous share of the step's batch
-        lo = step * args.batch_size + rank * share
-        picked = [(lo + i) % len(train_items) for i in range(share)]
-        items = [train_items[i] for i in picked]
-        batch = encode_sft_batch(tokenizer, items, [train_modes[i] for i in picked], [n_img(it) for it in items],
-                                 [train_auto[i] for i in picked], fmt)
-        batch = (*(t.to(device) for t in batch[:3]), batch[3])  # images stay on the CPU: the encoder moves them
-        # the global token normaliser (x world: FSDP averages gradients over ranks)
-        n_global = (batch[2][:, 1:] != -100).sum()
-        if world > 1:
-            torch.distributed.all_reduce(n_global)
-        with autocast(device, precision):
-            loss, n_tokens = loss_module(*batch, normaliser=n_global, encoder=encoder)
-        (loss * world).backward()
-        loss = loss.detach().clone()
-        if world > 1:
-            torch.distributed.all_reduce(loss)  # the global token mean, what one process would log
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        check_finite_step(step + 1, loss.item(), grad_norm.item())  # the same on every rank: all stop together
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        elapsed = round(time.perf_counter() - start, 2)
-        if logger is not None:
-            logger.log(step + 1, {"loss": loss.item(), "grad_norm": grad_norm.item(), "tokens": int(n_global),
-                                  "lr_llm": scheduler.get_last_lr()[-1], "elapsed_s": elapsed})
-        progress.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % 50 == 0 and rank == 0:
-            tqdm.write(f"step {step + 1}/{args.steps}: loss {loss.item():.4f} ({elapsed:.0f} s)")
-        done = step + 1
-        if done == args.steps or (args.save_every and done % args.save_every == 0):
-            save_checkpoint(checkpoint_dir, loss_module, optimizer, scheduler, done,
-                            settings=settings)  # every rank: gathers shards
-        if args.stop_after is not None and done == args.stop_after:
-            os._exit(3)  # no cleanup, no final save: what a kill leaves behind
-    if world > 1:  # gather the shards; rank 0 goes on with a plain transformers model
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    run.guard = WeightGuard(run.model.named_parameters(), "--lr-llm / --lr-projector / --lr-vision", run.world)
+    return start_step
 
-        state = get_model_state_dict(loss_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        torch.distributed.destroy_process_group()
-        if rank != 0:
-            return 0
-        model = model_class(model_config)
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
-        model.to(device)
-    # the model first: an evaluation that fails never costs the trained weights
-    model.save_pretrained(args.output_dir / "model")
-    tokenizer.save_pretrained(args.output_dir / "model")
-    if encoder.image_processor is not None:  # the folder stays loadable with the same image pipeline
-        encoder.image_processor.save_pretrained(args.output_dir / "model")
-    print(f"saved {args.output_dir / 'model'}")
+
+def sft_batch(run: SftRun, step: int) -> SftBatch:
+    """Data position = step: items (and their images) are a function of (seed, index), so resume is exact; under
+    torchrun each rank takes its contiguous share of the step's batch."""
+    args, (train_items, train_modes, train_auto) = run.args, run.data
+    share = args.batch_size // run.world
+    lo = step * args.batch_size + run.rank * share
+    picked = [(lo + i) % len(train_items) for i in range(share)]
+    items = [train_items[i] for i in picked]
+    ids, mask, labels, images = encode_sft_batch(run.tokenizer, items, [train_modes[i] for i in picked],
+                                                 [run.n_img(it) for it in items], [train_auto[i] for i in picked],
+                                                 run.fmt)  # fmt: skip
+    ids, mask, labels = ids.to(run.device), mask.to(run.device), labels.to(run.device)  # images: the encoder moves
+    n_global = (labels[:, 1:] != -100).sum()  # the global token normaliser (x world: FSDP averages gradients)
+    if run.world > 1:
+        torch.distributed.all_reduce(n_global)
+    return SftBatch(ids, mask, labels, images, n_global)
+
+
+def sft_update(run: SftRun, batch: SftBatch, step: int) -> SftResult:
+    """Forward, backward, gradient clipping, finite checks, the optimizer step (``step``: 0-based) and the weight
+    guard after it."""
+    with autocast(run.device, run.precision):
+        loss, _ = run.loss_module(batch.input_ids, batch.attention_mask, batch.labels, batch.images,
+                                  normaliser=batch.n_global, encoder=run.encoder)  # fmt: skip
+    (loss * run.world).backward()
+    loss = loss.detach().clone()
+    if run.world > 1:
+        torch.distributed.all_reduce(loss)  # the global token mean, what one process would log
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    check_finite_step(step + 1, loss.item(), grad_norm.item())  # the same on every rank: all stop together
+    run.guard.optimizer_step(run.optimizer, step + 1)
+    run.guard.check(step + 1)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return SftResult(loss.item(), grad_norm.item(), int(batch.n_global))
+
+
+def finish_step(run: SftRun, step: int, result: SftResult, logger, elapsed: float, bar) -> bool:
+    """Log, print every 50 steps, save when due (every rank: gathers shards). Returns whether it saved."""
+    args, done = run.args, step + 1
+    if logger is not None:
+        logger.log(done, {"loss": result.loss, "grad_norm": result.grad_norm, "tokens": result.tokens,
+                          "lr_llm": run.scheduler.get_last_lr()[-1], "elapsed_s": elapsed})
+    bar.set_postfix(loss=f"{result.loss:.3f}")
+    if done % 50 == 0 and run.rank == 0:
+        tqdm.write(f"step {done}/{args.steps}: loss {result.loss:.4f} ({elapsed:.0f} s)")
+    saved = done == args.steps or bool(args.save_every and done % args.save_every == 0)
+    if saved:
+        save_checkpoint(args.output_dir / "checkpoint", run.loss_module, run.optimizer, run.scheduler, done,
+                        settings=run.settings)  # fmt: skip
+    if args.stop_after is not None and done == args.stop_after:
+        os._exit(3)  # no cleanup, no final save: what a kill leaves behind
+    return saved
+
+
+def train_loop(run: SftRun, start_step: int, logger) -> int | None:
+    """Steps ``start_step .. --steps``: batch, update, finish. Returns the exit status when a SIGTERM / SIGUSR1
+    stopped the run early (a checkpoint of the last finished step saved), else None."""
+    args, start = run.args, time.perf_counter()
+    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="annealing",
+               disable=None if run.rank == 0 else True)  # fmt: skip
+    progress = Progress("annealing", start_step, args.steps, args.progress_every if run.rank == 0 else 0,
+                        tqdm.write if run.rank == 0 else (lambda _line: None), estimate_after=5)  # fmt: skip
+    with Preemption("annealing") as preemption:
+        for step in bar:
+            preemption.step = step + 1
+            result = sft_update(run, sft_batch(run, step), step)
+            saved = finish_step(run, step, result, logger, round(time.perf_counter() - start, 2), bar)
+            if step + 1 < args.steps and preemption.requested(run.world, run.device):
+                if not saved:
+                    save_checkpoint(args.output_dir / "checkpoint", run.loss_module, run.optimizer, run.scheduler,
+                                    step + 1, settings=run.settings)  # fmt: skip
+                return preemption.stopped(step + 1, args.output_dir / "checkpoint")
+            progress.step_done(step + 1)
+    return None
+
+
+def _train(args, device, precision, settings: dict, changes: list[str]) -> int:
+    run = setup(args, device, precision, settings)
+    start_step = resume(run, changes)
+    logger = MetricsLogger(args.output_dir, resume_step=start_step if args.resume else None) \
+        if run.rank == 0 else None
+    train_modes, train_auto = run.data[1], run.data[2]
+    if run.rank == 0:
+        print(f"annealing: {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M params, {args.steps} steps x "
+              f"{args.batch_size}, {sum(m == Mode.THINK for m in train_modes) / len(train_modes):.0%} thinking "
+              f"labels, {sum(train_auto) / len(train_auto):.0%} auto examples, {run.world} process(es), {device}, "
+              f"{precision}", flush=True)
+    stopped = train_loop(run, start_step, logger)
+    if stopped is not None:
+        if logger is not None:
+            logger.close()
+        if run.world > 1:
+            torch.distributed.destroy_process_group()
+        return stopped
+    model = _final_model(run)
+    if model is None:  # not rank 0
+        return 0
+    _save_and_evaluate(run, model, logger)
+    return 0
+
+
+def _final_model(run: SftRun):
+    """The trained plain model: under torchrun the shards gathered (rank 0 goes on with it, the others get None)."""
+    if run.world == 1:
+        return run.model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(run.loss_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    torch.distributed.destroy_process_group()
+    if run.rank != 0:
+        return None
+    model = type(run.model)(run.model.config)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    return model.to(run.device)
+
+
+def _save_and_evaluate(run: SftRun, model, logger) -> None:
+    """The model first: an evaluation that fails never costs the trained weights."""
+    args, folder = run.args, run.args.output_dir / "model"
+    model.save_pretrained(folder)
+    run.tokenizer.save_pretrained(folder)
+    if run.encoder.image_processor is not None:  # the folder stays loadable with the same image pipeline
+        run.encoder.image_processor.save_pretrained(folder)
+    print(f"saved {folder}")
     if args.eval_items and args.dataset is not None:
         print("evaluation covers the embedded task only: skipped with --dataset (BPO evaluates held-out rows)")
     if args.eval_items and args.dataset is None:
-        with autocast(device, precision):
-            metrics = evaluate_held_out(model, tokenizer, encoder, args.eval_items, seed=args.seed,
+        with autocast(run.device, run.precision):
+            metrics = evaluate_held_out(model, run.tokenizer, run.encoder, args.eval_items, seed=args.seed,
                                         min_think_tokens=args.min_think_tokens, no_reopen=args.no_reopen,
-                                        strict_auto=args.strict_auto)
+                                        strict_auto=args.strict_auto)  # fmt: skip
         logger.log(args.steps, metrics)
         for prefix in ("eval/", "eval_t1/"):
             print(f"{prefix.rstrip('/')}: " + ", ".join(f"{k.removeprefix(prefix)} {v:.2f}"
                                                         for k, v in sorted(metrics.items()) if k.startswith(prefix)))
     logger.close()
-    return 0
 
 
 if __name__ == "__main__":

@@ -121,7 +121,8 @@ def _evaluate(model_dir: Path, args) -> dict[str, float]:
                                      strict_auto=args.strict_auto))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The checked arguments of the comparison command."""
     from r4b_fast.training import bpo
     from r4b_fast.training.evaluation import DEFAULT_MIN_THINK_TOKENS
 
@@ -150,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--model: {args.model} does not exist")
     if args.max_new_tokens < 1 or not 0 <= args.min_think_tokens <= args.max_new_tokens:
         p.error("--max-new-tokens must be positive and --min-think-tokens in [0, --max-new-tokens]")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from r4b_fast.training import bpo
+
+    args = parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     common = ["--model", str(args.model), "--max-new-tokens", str(args.max_new_tokens), "--min-think-tokens",
               str(args.min_think_tokens), "--no-reopen" if args.no_reopen else "--no-no-reopen",
