@@ -23,8 +23,8 @@ import torch  # noqa: E402
 
 from r4b_fast.training.rollout import bpo_modes, generate_rollouts  # noqa: E402
 
-HEADER = ("| what | engine | strict | threads | rollouts | N | tokens | CPU s | wall s | tokens / CPU-s |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+HEADER = ("| what | engine | strict | torch threads | engine num_threads | rollouts | N | tokens | CPU s | wall s | "
+          "tokens / CPU-s |\n|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
 
 
 def measure(fn) -> tuple[int, float, float]:
@@ -33,18 +33,18 @@ def measure(fn) -> tuple[int, float, float]:
     return tokens, time.process_time() - c0, time.perf_counter() - w0
 
 
-def row(what, engine, strict, threads, R, N, tokens, cpu, wall) -> str:
-    return (f"| {what} | {engine} | {'on' if strict else 'off'} | {threads} | {R} | {N} | {tokens} | {cpu:.1f} | "
-            f"{wall:.1f} | {tokens / cpu:.1f} |")  # fmt: skip
+def row(what, engine, strict, threads, num_threads, R, N, tokens, cpu, wall) -> str:
+    return (f"| {what} | {engine} | {'on' if strict else 'off'} | {threads} | {num_threads} | {R} | {N} | {tokens} | "
+            f"{cpu:.1f} | {wall:.1f} | {tokens / cpu:.1f} |")  # fmt: skip
 
 
-def engine_call(model, ids, inputs, N, strict, engine, per_prompt=8):
+def engine_call(model, ids, inputs, N, strict, engine, per_prompt=8, num_threads=1):
     R = len(ids) * per_prompt
 
     def fn():
         out = generate_rollouts(model, ids, [bpo_modes(per_prompt // 2)] * len(ids), **G.engine_kwargs(N, strict),
                                 generator=torch.Generator().manual_seed(0), noise_rows=(0, R), prompt_embeds=inputs,
-                                engine=engine)  # fmt: skip
+                                engine=engine, num_threads=num_threads)  # fmt: skip
         return int(out.completion_mask.sum())
 
     return fn
@@ -54,14 +54,18 @@ def loop(configs=None):
     model = G.qwen25_vl(eos_bias=8.0)
     ids = G.prompts(4)
     inputs = G.prompt_inputs(model, ids)
-    configs = configs or [("reference", False, 1), ("reference", True, 2), ("shared", False, 1), ("shared", True, 2),
-                          ("shared", True, 1), ("shared", False, 2)]  # fmt: skip
+    # (engine, strict, torch threads, engine num_threads: None = the old engine's behaviour, torch's threads)
+    default = [("reference", False, 1, None), ("reference", True, 2, None), ("shared", False, 1, 1),
+               ("shared", True, 2, 1), ("reference", True, 2, 1), ("shared", True, 2, None)]  # fmt: skip
+    if len(sys.argv) > 2:  # e.g. shared,1,2,1 reference,0,1,None
+        configs = [(e, s == "1", int(t), None if n == "None" else int(n))
+                   for e, s, t, n in (a.split(",") for a in sys.argv[2:])]  # fmt: skip
     print(HEADER, flush=True)
-    for engine, strict, threads in configs:
+    for engine, strict, threads, num_threads in configs or default:
         torch.set_num_threads(threads)
         what = "loop config" if strict and threads == 2 else "standalone" if not strict and threads == 1 else "-"
-        tokens, cpu, wall = measure(engine_call(model, ids, inputs, 128, strict, engine))
-        print(row(what, engine, strict, threads, 32, 128, tokens, cpu, wall), flush=True)
+        tokens, cpu, wall = measure(engine_call(model, ids, inputs, 128, strict, engine, num_threads=num_threads))
+        print(row(what, engine, strict, threads, num_threads, 32, 128, tokens, cpu, wall), flush=True)
 
 
 def generate(shapes=((32, 128), (8, 128))):
@@ -74,7 +78,7 @@ def generate(shapes=((32, 128), (8, 128))):
             fn = (G.generate_call(model, ids, N) if engine == "generate"
                   else engine_call(model, ids, None, N, False, engine))
             tokens, cpu, wall = measure(fn)
-            print(row("vs generate", engine, False, 1, R, N, tokens, cpu, wall), flush=True)
+            print(row("vs generate", engine, False, 1, 1, R, N, tokens, cpu, wall), flush=True)
 
 
 def profile():
@@ -85,7 +89,7 @@ def profile():
     ids = G.prompts(4)
     inputs = G.prompt_inputs(model, ids)
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    fn = engine_call(model, ids, inputs, 128, True, os.environ.get("ENGINE", "shared"))
+    fn = engine_call(model, ids, inputs, int(os.environ.get("N", "128")), True, os.environ.get("ENGINE", "shared"))
     pr = cProfile.Profile(timer=time.process_time)
     pr.enable()
     fn()

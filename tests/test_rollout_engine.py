@@ -122,6 +122,27 @@ def test_bad_engine_arguments(model):
         generate_rollouts(model, PROMPTS, [[1]] * 3, **kw, engine="fast")
     with pytest.raises(ValueError, match="compact_below"):
         generate_rollouts(model, PROMPTS, [[1]] * 3, **kw, compact_below=1.5)
+    with pytest.raises(ValueError, match="num_threads"):
+        generate_rollouts(model, PROMPTS, [[1]] * 3, **kw, num_threads=0)
+
+
+def test_num_threads_is_set_while_generating_and_restored(model):
+    """CPU: the engine decodes with ``num_threads`` intra-op threads (default 1) and restores torch's setting."""
+    seen = []
+    hook = model.register_forward_pre_hook(lambda *a: seen.append(torch.get_num_threads()))
+    kw = dict(think_open_ids=OPEN, no_think_ids=NO_THINK, think_close_ids=CLOSE, pad_id=PAD, max_new_tokens=3,
+              eos_id=126)  # fmt: skip
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        generate_rollouts(model, PROMPTS, [[1]] * 3, **kw)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        generate_rollouts(model, PROMPTS, [[1]] * 3, **kw, num_threads=None)
+        assert set(seen) == {2} and torch.get_num_threads() == 2
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("name", FAMILY_PARAMS)

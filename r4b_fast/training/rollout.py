@@ -139,6 +139,7 @@ def generate_rollouts(
     strict_auto: bool = False,
     engine: str = "shared",
     compact_below: float = 0.75,
+    num_threads: int | None = 1,
 ) -> RolloutResult:
     """Generate ``sum(len(m) for m in modes)`` rollouts: prompt ``p`` once per entry of ``modes[p]``.
 
@@ -174,6 +175,10 @@ def generate_rollouts(
         compact_below: shared engine: the finished rows are compacted out of the batch (KV cache and per-row state
             indexed down) when the live rows fall below this fraction of the batch (1: at every finished row; 0:
             never).
+        num_threads: CPU models: torch's intra-op threads while generating (restored after); None: leave torch's
+            setting. Default 1: a decoding step's small GEMMs gain nothing from more threads in CPU time, and on a
+            shared machine OpenMP's spin-waiting barriers cost up to 10x the CPU time of the work (measured:
+            docs/rollout-engine.md, the in-loop 4x). No effect on other devices.
 
     Returns:
         :class:`RolloutResult`.
@@ -196,6 +201,9 @@ def generate_rollouts(
         raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
     if isinstance(compact_below, bool) or not isinstance(compact_below, (int, float)) or not 0 <= compact_below <= 1:
         raise ValueError(f"compact_below: expected a fraction in [0, 1], got {compact_below!r}")
+    bad_threads = isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
+    if num_threads is not None and bad_threads:
+        raise ValueError(f"num_threads: expected a positive int or None, got {num_threads!r}")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
     if len(prompts) == 0:
@@ -248,13 +256,19 @@ def generate_rollouts(
             raise ValueError(f"strict_auto: auto_ids {list(auto_ids)} must be the prefixes' common part "
                              f"{list(think_open_ids[: d.position])}")  # fmt: skip
         spec.decision_ids = torch.tensor([d.think, d.no_think], device=device)
-    if engine == "reference":
-        from r4b_fast.training.rollout_reference import generate_reference
+    threads = torch.get_num_threads()
+    if num_threads is not None and device.type == "cpu":
+        torch.set_num_threads(num_threads)
+    try:
+        if engine == "reference":
+            from r4b_fast.training.rollout_reference import generate_reference
 
-        fields = generate_reference(model, spec)
-    else:
-        from r4b_fast.training.rollout_engine import generate_shared
+            fields = generate_reference(model, spec)
+        else:
+            from r4b_fast.training.rollout_engine import generate_shared
 
-        fields = generate_shared(model, spec, compact_below=float(compact_below))
+            fields = generate_shared(model, spec, compact_below=float(compact_below))
+    finally:
+        torch.set_num_threads(threads)
     return RolloutResult(prompt_index=torch.tensor(row_prompt, device=device),
                          lengths=fields["completion_mask"].sum(1), **fields)  # fmt: skip
