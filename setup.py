@@ -24,6 +24,9 @@ setup(
         "matplotlib", "tensorboard", "pillow",
         "math-verify>=0.9",  # accuracy_reward's LaTeX / expression comparison (imported on first use only)
     ],
+    # vLLM loads logits processors from this group; the module imports vLLM, so only vLLM ever imports it
+    entry_points={"vllm.logits_processors": [
+        "r4b_strict_modes = r4b_fast.integrations.vllm_strict:R4BStrictModesLogitsProcessor"]},
     extras_require={
         # liger-kernel: the fused-loss benchmark's peer (its chunked losses run on CPU too); it needs only torch and
         # triton, which are installed already.

@@ -82,3 +82,21 @@ def test_no_root_folder_but_the_package_is_a_regular_package():
     assert regular == ["r4b_fast"], regular
     modules = sorted(p.name for p in ROOT.glob("*.py"))
     assert modules == ["setup.py"], modules
+
+
+def test_the_vllm_entry_point_names_a_class_the_module_defines():
+    """vLLM loads ``vllm.logits_processors`` entry points; ours must name a module and attribute that exist (the
+    module imports vLLM, which is not installed here, so it is read, not imported)."""
+    import ast
+
+    points = [p for p in importlib.metadata.entry_points(group="vllm.logits_processors")
+              if p.value.startswith("r4b_fast.")]  # fmt: skip
+    if not points:
+        pytest.skip("r4b_fast's installed metadata predates the entry point (reinstall: pip install -e .)")
+    (point,) = points
+    module, attr = point.value.split(":")
+    path = ROOT / (module.replace(".", "/") + ".py")
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    assigned = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                if isinstance(t, ast.Name)}  # fmt: skip
+    assert attr in assigned, f"{path.name} defines no {attr}"
