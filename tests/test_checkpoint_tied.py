@@ -112,6 +112,32 @@ def test_a_transformers_model_with_tied_embeddings_saves_one_table_and_loads_tie
         assert torch.equal(a, b), name
 
 
+def test_ties_are_found_by_parameter_identity_when_the_gathered_state_copies_each_name(tmp_path, monkeypatch):
+    """Under FSDP2 a full state dict gathers every name into its own tensor: a tie no longer shares memory there,
+    and is found from the module's parameters instead."""
+    from safetensors import safe_open
+
+    import r4b_fast.training.checkpoint as checkpoint
+    from r4b_fast.training.common import load_checkpoint, save_checkpoint
+
+    real = checkpoint._gather
+
+    def gathered_like_fsdp2(module, optimizer):
+        model_state, optim_state = real(module, optimizer)
+        return {k: v.clone() for k, v in model_state.items()}, optim_state
+
+    monkeypatch.setattr(checkpoint, "_gather", gathered_like_fsdp2)
+    model, module, opt, sched = _training()
+    _train(module, opt, sched, 1)
+    ckpt = save_checkpoint(tmp_path / "checkpoint", module, opt, sched, 1)
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == {"embed_tokens.weight", "body.weight", "body.bias"}
+        assert f.metadata()["lm_head.weight"] == "embed_tokens.weight"
+    model2, module2, opt2, sched2 = _training(seed=1)
+    load_checkpoint(ckpt, module2, opt2, sched2)
+    assert _tied(model2) and torch.equal(model2.lm_head.weight, model.lm_head.weight)
+
+
 def test_resume_of_a_tied_model_is_bit_identical(tmp_path):
     from r4b_fast.training.common import load_checkpoint, save_checkpoint
 

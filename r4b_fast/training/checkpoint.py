@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from r4b_fast.training.distributed import _rank
-from r4b_fast.training.weights_file import read_safetensors, write_safetensors
+from r4b_fast.training.weights_file import module_ties, read_safetensors, write_safetensors
 
 CHECKPOINT_FILES = ("model.safetensors", "trainer_state.pt")
 MANIFEST = "MANIFEST.json"
@@ -177,10 +177,11 @@ def _gather(module, optimizer) -> tuple[dict, dict]:
     return get_model_state_dict(module, options=options), get_optimizer_state_dict(module, optimizer, options=options)
 
 
-def _write_folder(tmp: Path, state: dict, trainer_state: dict, step: int, settings: dict | None) -> None:
+def _write_folder(tmp: Path, state: dict, trainer_state: dict, step: int, settings: dict | None,
+                  ties: dict[str, str] | None = None) -> None:  # fmt: skip
     """The three files of a checkpoint into ``tmp``: weights (tied ones once), trainer state, manifest last."""
     tmp.mkdir()
-    _write_file(tmp / "model.safetensors", lambda f: write_safetensors(f, state, {"format": "pt"}))
+    _write_file(tmp / "model.safetensors", lambda f: write_safetensors(f, state, {"format": "pt"}, ties))
     _write_file(tmp / "trainer_state.pt", lambda f: torch.save(trainer_state, f))
     manifest = {"step": step, "files": {name: _file_digest(tmp / name) for name in CHECKPOINT_FILES},
                 "settings": settings or {}}  # fmt: skip
@@ -225,6 +226,7 @@ def save_checkpoint(directory: Path, module, optimizer, scheduler, step: int, ex
         return directory
     # the model's own names (a plain transformers state dict), the tensors as they are: no clone
     state = {k.removeprefix("model."): v.detach() for k, v in model_state.items()}
+    ties = {k.removeprefix("model."): v.removeprefix("model.") for k, v in module_ties(module).items()}
     check_finite_weights(state, step)
     trainer_state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                      "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(), "extra": extra or {}}
@@ -238,7 +240,7 @@ def save_checkpoint(directory: Path, module, optimizer, scheduler, step: int, ex
     try:
         _remove_tree(tmp)  # a partial save a kill left (the newest complete one is at `directory` now)
         _remove_tree(old)
-        _write_folder(tmp, state, trainer_state, step, settings)
+        _write_folder(tmp, state, trainer_state, step, settings, ties)
     except Exception as err:  # OSError (ENOSPC, EIO, EROFS, EACCES), torch's RuntimeError, anything else
         _remove_tree(tmp)
         left = " (could not remove it)" if tmp.exists() else ""

@@ -41,11 +41,31 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-def write_safetensors(f, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def module_ties(module: torch.nn.Module) -> dict[str, str]:
+    """``{other_name: first_name}`` of the parameters and buffers ``module`` registers under several names (tied
+    weights), found by identity: it holds under FSDP2, where a full state dict gathers each name into its own
+    tensor. Example: ``module_ties(model)`` -> ``{"lm_head.weight": "model.embed_tokens.weight"}``."""
+    ties: dict[str, str] = {}
+    for named in (module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)):
+        first: dict[int, str] = {}
+        for name, tensor in named:
+            if tensor is None:
+                continue
+            if id(tensor) in first:
+                ties[name] = first[id(tensor)]
+            else:
+                first[id(tensor)] = name
+    return ties
+
+
+def write_safetensors(f, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                      ties: dict[str, str] | None = None) -> None:  # fmt: skip
     """Write ``state`` in the safetensors format into the binary file object ``f``, one tensor at a time: each
     tensor's bytes go from its own memory to the file (a tensor on a GPU is copied to the CPU alone). Tied tensors
-    are stored once; the other names map to the kept one in ``__metadata__`` (as ``safetensors.torch.save_model``
-    and transformers write them), which :func:`read_safetensors` turns back into entries.
+    are stored once (those that share memory, and ``ties``: ``{other_name: kept_name}`` from
+    :func:`module_ties`); the other names map to the kept one in ``__metadata__`` (as
+    ``safetensors.torch.save_model`` and transformers write them), which :func:`read_safetensors` turns back into
+    entries.
 
     Example::
 
@@ -53,6 +73,10 @@ def write_safetensors(f, state: dict[str, torch.Tensor], metadata: dict[str, str
             write_safetensors(f, model.state_dict())
     """
     unique, aliases = split_tied(state)
+    for name, kept in (ties or {}).items():
+        if name != kept and name in unique and kept in unique and unique[name].shape == unique[kept].shape:
+            del unique[name]
+            aliases[name] = kept
     header: dict[str, Any] = {}
     offset = 0
     for name, tensor in unique.items():
