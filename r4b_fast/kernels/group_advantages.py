@@ -40,16 +40,22 @@ def _segment_bounds(g, offsets_ptr, group_size, RAGGED: tl.constexpr):
     return start, end
 
 
-@triton.jit(do_not_specialize=["rloo", "scale", "unbiased"])  # 0/1 flags: no variant per value
-def _group_advantages_kernel(
-    rewards_ptr, modes_ptr, perm_ptr, offsets_ptr, batch_std_ptr, adv_ptr, stats_ptr,
-    group_size, eps, rloo, scale, unbiased,
-    RAGGED: tl.constexpr, HAS_MODES: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    g = tl.program_id(0).to(tl.int64)
-    start, end = _segment_bounds(g, offsets_ptr, group_size, RAGGED)
+@triton.jit
+def _load_block(rewards_ptr, perm_ptr, pos, end, RAGGED: tl.constexpr):
+    """One block of the segment: ``(src, inside, r, valid)``: rollout ids, in-segment lanes, rewards, finite ones."""
+    inside = pos < end
+    src = tl.load(perm_ptr + pos, mask=inside, other=0) if RAGGED else pos
+    r = tl.load(rewards_ptr + src, mask=inside, other=0.0)
+    valid = inside & (r - r == 0)  # finite: inf - inf and NaN - NaN are NaN
+    return src, inside, r, valid
+
+
+@triton.jit
+def _first_pass(rewards_ptr, modes_ptr, perm_ptr, start, end, zero, RAGGED: tl.constexpr, HAS_MODES: tl.constexpr,
+                BLOCK: tl.constexpr):  # fmt: skip
+    """Pass 1 over the segment: ``(n, mean, signal, n0, n1, n2, s0, s1, s2)``: count and mean of the finite rewards,
+    whether they differ, and the per-lane count / sum per mode (reduced by the caller)."""
     lanes = tl.arange(0, BLOCK).to(tl.int64)
-    zero = tl.zeros([BLOCK], dtype=rewards_ptr.dtype.element_ty)  # accumulate in the compute dtype
     acc_n = zero
     acc_s = zero
     acc_max = zero - float("inf")
@@ -61,11 +67,7 @@ def _group_advantages_kernel(
     s1 = zero
     s2 = zero
     for off in range(start, end, BLOCK):
-        pos = off + lanes
-        inside = pos < end
-        src = tl.load(perm_ptr + pos, mask=inside, other=0) if RAGGED else pos
-        r = tl.load(rewards_ptr + src, mask=inside, other=0.0)
-        valid = inside & (r - r == 0)  # finite: inf - inf and NaN - NaN are NaN
+        src, inside, r, valid = _load_block(rewards_ptr, perm_ptr, off + lanes, end, RAGGED)
         rv = tl.where(valid, r, 0.0)
         w = tl.where(valid, 1.0, 0.0)
         acc_n += w
@@ -83,14 +85,25 @@ def _group_advantages_kernel(
     n = tl.sum(acc_n, axis=0)
     mean = tl.sum(acc_s, axis=0) / tl.maximum(n, 1.0)
     signal = (n >= 2) & (tl.max(acc_max, axis=0) > tl.min(acc_min, axis=0))
+    return n, mean, signal, n0, n1, n2, s0, s1, s2
 
-    acc_m2 = zero
+
+@triton.jit(do_not_specialize=["rloo", "scale", "unbiased"])  # 0/1 flags: no variant per value
+def _group_advantages_kernel(
+    rewards_ptr, modes_ptr, perm_ptr, offsets_ptr, batch_std_ptr, adv_ptr, stats_ptr,
+    group_size, eps, rloo, scale, unbiased,
+    RAGGED: tl.constexpr, HAS_MODES: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    g = tl.program_id(0).to(tl.int64)
+    start, end = _segment_bounds(g, offsets_ptr, group_size, RAGGED)
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    zero = tl.zeros([BLOCK], dtype=rewards_ptr.dtype.element_ty)  # accumulate in the compute dtype
+    n, mean, signal, n0, n1, n2, s0, s1, s2 = _first_pass(rewards_ptr, modes_ptr, perm_ptr, start, end, zero,
+                                                          RAGGED, HAS_MODES, BLOCK)  # fmt: skip
+
+    acc_m2 = zero  # pass 2: squared deviations from the mean (two-pass variance)
     for off in range(start, end, BLOCK):
-        pos = off + lanes
-        inside = pos < end
-        src = tl.load(perm_ptr + pos, mask=inside, other=0) if RAGGED else pos
-        r = tl.load(rewards_ptr + src, mask=inside, other=0.0)
-        valid = inside & (r - r == 0)
+        src, inside, r, valid = _load_block(rewards_ptr, perm_ptr, off + lanes, end, RAGGED)
         d = tl.where(valid, r - mean, 0.0)
         acc_m2 += d * d
     m2 = tl.sum(acc_m2, axis=0)
@@ -100,12 +113,8 @@ def _group_advantages_kernel(
     factor = tl.where(rloo != 0, n / tl.maximum(n - 1, 1.0), 1.0)  # RLOO: r - mean(others) = n/(n-1) (r - mean)
     bstd = tl.load(batch_std_ptr, mask=scale == 1, other=0.0)  # the pointer is a dummy unless scale == 1
     denom = tl.where(scale == 0, std + eps, tl.where(scale == 1, bstd + eps, 1.0))
-    for off in range(start, end, BLOCK):
-        pos = off + lanes
-        inside = pos < end
-        src = tl.load(perm_ptr + pos, mask=inside, other=0) if RAGGED else pos
-        r = tl.load(rewards_ptr + src, mask=inside, other=0.0)
-        valid = inside & (r - r == 0)
+    for off in range(start, end, BLOCK):  # pass 3: the advantages
+        src, inside, r, valid = _load_block(rewards_ptr, perm_ptr, off + lanes, end, RAGGED)
         a = tl.where(valid, (r - mean) * factor / denom, 0.0)
         a = tl.where(signal, a, 0.0)  # select, not * 0: denom may be 0 for a zero-signal group
         tl.store(adv_ptr + src, a, mask=inside)

@@ -5,7 +5,7 @@ block it finds the placeholders, numbers them with in-block cumsums carried acro
 M-RoPE position shift), copies each token's row slice (text table or vision row, one masked load through a selected
 row pointer) into the packed output, and (slice 0 only) writes the packed token's flat index, its source row and its
 positions. Per-sample and per-image scalars (first real token, packed offset, vision / image counts before the
-sample, merged grid sizes) come from a few vectorised torch ops in ``r4b_fast/ops/pack_multimodal.py``; no atomics,
+sample, merged grid sizes) come from a few vectorised torch ops in ``r4b_fast/ops/pack_multimodal/``; no atomics,
 deterministic.
 
 The copy is dtype-agnostic: rows are moved as raw integer units of the widest width (16, 8, 4 or 2 bytes) that the
@@ -39,6 +39,39 @@ def _row_offset(row, row_units):
 def _flat_index(b, L, first, j):
     """Flat index ``b * L + first + j`` of a token of the padded ``[B, L]`` batch, in int64."""
     return b.to(tl.int64) * L + first.to(tl.int64) + j
+
+
+@triton.jit
+def _mrope_block(ids_ptr, img_hh_ptr, img_ww_ptr, img_vis_start_ptr, img_shift_ptr, pos_ptr, flat, j, n, inside,
+                 is_img, v, out_row, img_run, shift_run, T, image_token_id):  # fmt: skip
+    """M-RoPE positions of one block of a sample's tokens, stored as rows t, h, w of ``pos`` [3, T]: text tokens at
+    ``j`` plus the images' shift so far, each placeholder at its image's start plus its (t, h, w) index. Returns
+    ``(largest position of the block, shift advance, images started)`` for the running counters."""
+    prev_tok = tl.load(ids_ptr + flat - 1, mask=inside & (j > 0), other=0)
+    next_tok = tl.load(ids_ptr + flat + 1, mask=(j + 1) < n, other=0)
+    prev_img = (j > 0) & (prev_tok == image_token_id)
+    next_img = ((j + 1) < n) & (next_tok == image_token_id)
+    starts = (is_img & ~prev_img).to(tl.int64)
+    ends = is_img & ~next_img
+    k = img_run + tl.cumsum(starts, 0) - 1  # image index of each placeholder
+    hh = tl.load(img_hh_ptr + k, mask=is_img, other=1).to(tl.int64)
+    ww = tl.load(img_ww_ptr + k, mask=is_img, other=1).to(tl.int64)
+    vstart = tl.load(img_vis_start_ptr + k, mask=is_img, other=0).to(tl.int64)
+    delta = tl.load(img_shift_ptr + k, mask=ends, other=0).to(tl.int64)
+    excl = tl.cumsum(delta, 0) - delta
+    text_pos = j + shift_run + excl
+    o = v - vstart  # offset of the placeholder within its image
+    o = tl.where(is_img, o, 0)
+    start = text_pos - o
+    p_t = tl.where(is_img, start + o // (hh * ww), text_pos)
+    p_h = tl.where(is_img, start + (o // ww) % hh, text_pos)
+    p_w = tl.where(is_img, start + o % ww, text_pos)
+    pos_row = pos_ptr + out_row  # rows t, h, w of [3, T]: pointer steps of T, no 2 * T in 32 bits
+    tl.store(pos_row, p_t, mask=inside)
+    tl.store(pos_row + T, p_h, mask=inside)
+    tl.store(pos_row + T + T, p_w, mask=inside)
+    p_max = tl.maximum(tl.maximum(p_t, p_h), p_w)
+    return tl.max(tl.where(inside, p_max, -1), 0), tl.sum(delta, 0), tl.sum(starts, 0)
 
 
 @triton.jit(do_not_specialize=["L", "T", "image_token_id"])  # their divisibility changes no code: one variant
@@ -86,33 +119,12 @@ def _pack_multimodal_kernel(
             tl.store(indices_ptr + out_row, flat, mask=inside)
             tl.store(src_ptr + out_row, tl.where(is_img, -1 - v, text_row), mask=inside)
             if MROPE:
-                prev_tok = tl.load(ids_ptr + flat - 1, mask=inside & (j > 0), other=0)
-                next_tok = tl.load(ids_ptr + flat + 1, mask=(j + 1) < n, other=0)
-                prev_img = (j > 0) & (prev_tok == image_token_id)
-                next_img = ((j + 1) < n) & (next_tok == image_token_id)
-                starts = (is_img & ~prev_img).to(tl.int64)
-                ends = is_img & ~next_img
-                k = img_run + tl.cumsum(starts, 0) - 1  # image index of each placeholder
-                hh = tl.load(img_hh_ptr + k, mask=is_img, other=1).to(tl.int64)
-                ww = tl.load(img_ww_ptr + k, mask=is_img, other=1).to(tl.int64)
-                vstart = tl.load(img_vis_start_ptr + k, mask=is_img, other=0).to(tl.int64)
-                delta = tl.load(img_shift_ptr + k, mask=ends, other=0).to(tl.int64)
-                excl = tl.cumsum(delta, 0) - delta
-                text_pos = j + shift_run + excl
-                o = v - vstart  # offset of the placeholder within its image
-                o = tl.where(is_img, o, 0)
-                start = text_pos - o
-                p_t = tl.where(is_img, start + o // (hh * ww), text_pos)
-                p_h = tl.where(is_img, start + (o // ww) % hh, text_pos)
-                p_w = tl.where(is_img, start + o % ww, text_pos)
-                pos_row = pos_ptr + out_row  # rows t, h, w of [3, T]: pointer steps of T, no 2 * T in 32 bits
-                tl.store(pos_row, p_t, mask=inside)
-                tl.store(pos_row + T, p_h, mask=inside)
-                tl.store(pos_row + T + T, p_w, mask=inside)
-                p_max = tl.maximum(tl.maximum(p_t, p_h), p_w)
-                pmax = tl.maximum(pmax, tl.max(tl.where(inside, p_max, -1), 0))
-                shift_run += tl.sum(delta, 0)
-                img_run += tl.sum(starts, 0)
+                bmax, dshift, dimg = _mrope_block(ids_ptr, img_hh_ptr, img_ww_ptr, img_vis_start_ptr, img_shift_ptr,
+                                                  pos_ptr, flat, j, n, inside, is_img, v, out_row, img_run,
+                                                  shift_run, T, image_token_id)  # fmt: skip
+                pmax = tl.maximum(pmax, bmax)
+                shift_run += dshift
+                img_run += dimg
             else:
                 tl.store(pos_ptr + out_row, j, mask=inside)
         vis_run += tl.sum(img_i, 0)

@@ -6,7 +6,7 @@ Passes over the row, in blocks of ``BLOCK`` tokens, all in fp32 on ``e = exp((l 
 4. top-p: the largest ``t`` with ``sum(e >= t, e >= t_k) >= top_p * mass_k``; both by a 16-pivot search on the
 float32 bit pattern of ``t`` (8 passes narrow [0, 1] to one float: exact, no sort; flashinfer's dual-pivot idea with
 more pivots per pass), skipped when the filter is off, 5. an inverse-CDF scan in vocabulary order with the row's
-uniform. Same contract as ``r4b_fast.ops.sampling._sample_torch``.
+uniform. Same contract as ``r4b_fast.ops.sampling.torch_backend._sample_torch``.
 
 Banned tokens (``NBAN`` ids per row, -1 = none; R-4B's strict modes: no ``</think>`` before the minimum thinking
 length, no think tag after a closed block): removed before the filters, as a logits processor setting them to
@@ -105,21 +105,11 @@ def _threshold_search(base, V, inv, M, t_floor, need, ban_row, NBAN: tl.constexp
 
 
 @triton.jit
-def _sample_kernel(
-    logits_ptr, temp_ptr, topk_ptr, topp_ptr, minp_ptr, u_ptr, ban_ptr, tok_ptr, lp_ptr, max_ptr, logz_ptr,
-    V, stride, NBAN: tl.constexpr, BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NPIV: tl.constexpr,
-    STEPS: tl.constexpr,
-):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * stride  # int64: B * V above 2^31 elements
-    ban_row = ban_ptr + row * NBAN
-    T = tl.load(temp_ptr + row)
-    greedy = ~(T > 0)  # 0 (and, unchecked, negative or NaN): the first maximum
-    inv = tl.minimum(tl.maximum(1.0 / tl.where(greedy, 1.0, T), _FLT_MIN), _FLT_MAX)
+def _row_stats(base, ban_row, V, inv, NBAN: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 1: ``(M, logz, Ma, first_max)``: the row max and ``log sum exp((l - M) * inv)`` of the whole row (the
+    log-probs), the max of the allowed tokens and its first index (0 when every token is banned). Online, per lane,
+    then combined."""
     lanes = tl.arange(0, BLOCK)
-
-    # pass 1: online max and sum of exp of the whole row (the log-probs), and the max of the allowed tokens with
-    # its first index, per lane, then combined
     mvec = tl.full([BLOCK], -float("inf"), tl.float32)
     avec = tl.full([BLOCK], -float("inf"), tl.float32)
     ivec = tl.zeros([BLOCK], tl.int32) + V  # int32 indices: V < 2^31
@@ -141,6 +131,51 @@ def _sample_kernel(
     Ma = tl.max(avec, axis=0)  # == M without bans
     first_max = tl.min(tl.where(avec == Ma, ivec, V), axis=0)
     first_max = tl.where(first_max < V, first_max, 0)  # every token banned (V <= NBAN)
+    return M, logz, Ma, first_max
+
+
+@triton.jit
+def _inverse_cdf(base, ban_row, V, inv, Ma, thr, u_ptr, greedy, first_max, NBAN: tl.constexpr, BLOCK: tl.constexpr):
+    """Passes 5-6: the kept mass (``e >= thr``), then the token whose cumulative kept mass in vocabulary order first
+    exceeds the row's uniform (``*u_ptr``) times it (greedy: the first kept token, the max); never an index outside
+    ``[0, V)``."""
+    lanes = tl.arange(0, BLOCK)
+    wvec = tl.zeros([BLOCK], tl.float32)
+    for off in range(0, V, BLOCK):
+        e = _row_e(base, off + lanes, V, inv, Ma, ban_row, NBAN)
+        wvec += tl.where(e >= thr, e, 0.0)
+    u = tl.load(u_ptr)
+    target = tl.where(greedy, 0.0, u * tl.sum(wvec, axis=0))
+    running = tl.zeros([], tl.float32)
+    found = tl.zeros([], tl.int32) + V  # V: not found yet
+    last = tl.zeros([], tl.int32) - 1
+    for off in range(0, V, BLOCK):
+        idx = off + lanes
+        e = _row_e(base, idx, V, inv, Ma, ban_row, NBAN)
+        w = tl.where(e >= thr, e, 0.0)
+        c = tl.cumsum(w, axis=0) + running
+        hit = (c > target) & (w > 0)
+        found = tl.minimum(found, tl.min(tl.where(hit, idx, V), axis=0))
+        last = tl.maximum(last, tl.max(tl.where(w > 0, idx, -1), axis=0))
+        running += tl.sum(w, axis=0)
+    tok = tl.where(found < V, found, last)  # rounding: the target may exceed the last partial sum
+    return tl.where(tok >= 0, tok, first_max)  # nothing kept (no finite allowed logit): never an index below 0
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr, temp_ptr, topk_ptr, topp_ptr, minp_ptr, u_ptr, ban_ptr, tok_ptr, lp_ptr, max_ptr, logz_ptr,
+    V, stride, NBAN: tl.constexpr, BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NPIV: tl.constexpr,
+    STEPS: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride  # int64: B * V above 2^31 elements
+    ban_row = ban_ptr + row * NBAN
+    T = tl.load(temp_ptr + row)
+    greedy = ~(T > 0)  # 0 (and, unchecked, negative or NaN): the first maximum
+    inv = tl.minimum(tl.maximum(1.0 / tl.where(greedy, 1.0, T), _FLT_MIN), _FLT_MAX)
+    lanes = tl.arange(0, BLOCK)
+    M, logz, Ma, first_max = _row_stats(base, ban_row, V, inv, NBAN, BLOCK)
 
     # the per-row parameters are loaded where they are used: fewer values live across the searches
     k = tl.load(topk_ptr + row)
@@ -162,27 +197,7 @@ def _sample_kernel(
     # e == 1 exactly at the max: a threshold <= 1 always keeps the argmax; greedy takes its first occurrence
     thr = tl.minimum(tl.maximum(tl.maximum(t_k, t_p), mp), 1.0)
     thr = tl.where(greedy, 1.0, thr)
-
-    wvec = tl.zeros([BLOCK], tl.float32)
-    for off in range(0, V, BLOCK):
-        e = _row_e(base, off + lanes, V, inv, Ma, ban_row, NBAN)
-        wvec += tl.where(e >= thr, e, 0.0)
-    u = tl.load(u_ptr + row)
-    target = tl.where(greedy, 0.0, u * tl.sum(wvec, axis=0))
-    running = tl.zeros([], tl.float32)
-    found = tl.zeros([], tl.int32) + V  # V: not found yet
-    last = tl.zeros([], tl.int32) - 1
-    for off in range(0, V, BLOCK):
-        idx = off + lanes
-        e = _row_e(base, idx, V, inv, Ma, ban_row, NBAN)
-        w = tl.where(e >= thr, e, 0.0)
-        c = tl.cumsum(w, axis=0) + running
-        hit = (c > target) & (w > 0)
-        found = tl.minimum(found, tl.min(tl.where(hit, idx, V), axis=0))
-        last = tl.maximum(last, tl.max(tl.where(w > 0, idx, -1), axis=0))
-        running += tl.sum(w, axis=0)
-    tok = tl.where(found < V, found, last)  # rounding: the target may exceed the last partial sum
-    tok = tl.where(tok >= 0, tok, first_max)  # nothing kept (no finite allowed logit): never an index below 0
+    tok = _inverse_cdf(base, ban_row, V, inv, Ma, thr, u_ptr + row, greedy, first_max, NBAN, BLOCK)
     x_tok = _load_x(base, tok, V)
     finite = (M > -float("inf")) & (M < float("inf"))
     tl.store(tok_ptr + row, tok.to(tl.int64))
