@@ -165,15 +165,17 @@ def _previous(directory: Path) -> str:
 
 
 def _gather(module, optimizer) -> tuple[dict, dict]:
-    """Full model and optimizer state dicts (FSDP2 shards gathered on rank 0, in CPU memory); a plain module's
-    tensors are its own, not copies."""
+    """Full model and optimizer state dicts: FSDP2 shards gathered on rank 0 in CPU memory; a plain module's
+    tensors are its own, not copies, wherever they are (the writers move a GPU tensor to the CPU one at a time)."""
+    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    options = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
     return get_model_state_dict(module, options=options), get_optimizer_state_dict(module, optimizer, options=options)
 
 
@@ -320,7 +322,8 @@ def load_checkpoint(directory: Path, module, optimizer, scheduler) -> dict:
     weights = {"model." + k: v for k, v in read_safetensors(data.pop("model.safetensors")).items()} if reader else {}
     set_model_state_dict(module, weights, options=options)
     del weights
-    state = torch.load(io.BytesIO(data.pop("trainer_state.pt")), weights_only=False)
+    # on the CPU whatever device saved it (the optimizer's load moves each state to its parameter's device)
+    state = torch.load(io.BytesIO(data.pop("trainer_state.pt")), weights_only=False, map_location="cpu")
     # strict=False: a parameter that never had a gradient (an unused layer) has no AdamW state to restore
     set_optimizer_state_dict(module, optimizer, optim_state_dict=state["optimizer"] if reader else {},
                              options=StateDictOptions(full_state_dict=True, strict=False,
