@@ -168,6 +168,32 @@ def test_torch_zip_writer_failing_midway_removes_the_partial_copy(tmp_path, monk
     assert common.load_checkpoint(ckpt, *_tiny_training(seed=1)[1:])["step"] == 1
 
 
+def test_a_resume_that_cannot_move_the_newest_checkpoint_into_place_says_so_in_one_line(tmp_path, monkeypatch):
+    """A kill left the newest complete checkpoint in ``checkpoint.tmp``; the resume reads it, then the rename that
+    puts it in place fails (EIO): a :class:`CheckpointError`, and the checkpoint is still there for the next try."""
+    import shutil
+
+    import r4b_fast.training.common as common
+
+    _, module, opt, sched = _tiny_training()
+    ckpt = tmp_path / "checkpoint"
+    common.save_checkpoint(ckpt, module, opt, sched, 1)
+    common.save_checkpoint(tmp_path / "newer" / "checkpoint", module, opt, sched, 2)
+    shutil.move(tmp_path / "newer" / "checkpoint", tmp_path / "checkpoint.tmp")
+
+    def eio(src, dst):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(src))
+
+    monkeypatch.setattr(common, "_rename", eio)
+    with pytest.raises(common.CheckpointError) as exc:
+        common.load_checkpoint(ckpt, *_tiny_training(seed=1)[1:])
+    monkeypatch.undo()
+    message = str(exc.value)
+    assert "\n" not in message and "Input/output error" in message and str(ckpt) in message, message
+    assert common.load_checkpoint(ckpt, *_tiny_training(seed=1)[1:])["step"] == 2
+    assert common.find_checkpoint(ckpt)[0] == ckpt
+
+
 @pytest.mark.parametrize("kind", ["ENOSPC", "torch"])
 def test_annealing_ends_cleanly_on_a_failed_save_and_resumes_once_the_disk_is_back(tmp_path, monkeypatch, capsys,
                                                                                    kind):  # fmt: skip

@@ -276,6 +276,16 @@ def _recover(directory: Path) -> None:
     _fsync_dir(directory.parent)
 
 
+def _recover_after_load(directory: Path, folder: Path, step: int) -> None:
+    """Put the checkpoint a resume read in place (a resumed run that saves nothing more still leaves its newest
+    checkpoint at ``directory``); a failed rename is one line, like a failed save."""
+    try:
+        _recover(directory)
+    except Exception as err:
+        raise _error(err, f"resume: read step {step} from {folder} but could not move it into {directory} "
+                          f"({_cause(err)}); {_previous(directory)}") from err  # fmt: skip
+
+
 # -- loading -----------------------------------------------------------------------------------------------------------
 def _read_checked(folder: Path, manifest: dict) -> dict[str, bytes]:
     """Each file of the checkpoint read whole into memory (a later save removes these files: a mapping of them would
@@ -334,5 +344,5 @@ def load_checkpoint(directory: Path, module, optimizer, scheduler) -> dict:
     if sharded:
         dist.barrier()  # every rank has read the files before rank 0 renames them
     if reader:
-        _recover(directory)  # a resumed run that saves nothing more still leaves its newest checkpoint in place
+        _recover_after_load(directory, folder, state["step"])
     return {"step": state["step"], "extra": state["extra"], "path": folder, "settings": manifest.get("settings", {})}
