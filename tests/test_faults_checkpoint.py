@@ -284,3 +284,23 @@ def test_metrics_jsonl_that_is_a_directory_is_refused_in_one_line(tmp_path, caps
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match=r"metrics: cannot write .*Not a directory"):
         MetricsLogger(tmp_path / "file" / "run", tensorboard=False)
+
+
+def test_a_metrics_write_that_fails_midrun_is_one_line(tmp_path):
+    from r4b_fast.training.common import CheckpointError, MetricsLogger
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log(1, {"loss": 1.0})
+    real = logger._file
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self):
+            real.close()
+
+    logger._file = FullDisk()
+    with pytest.raises(CheckpointError, match=r"metrics: writing step 2 to .*metrics.jsonl failed \(No space left"):
+        logger.log(2, {"loss": 0.5})
+    logger.close()

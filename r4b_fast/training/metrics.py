@@ -54,8 +54,13 @@ class MetricsLogger:
                 self._tb = None
 
     def log(self, step: int, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps({"step": step, **record}) + "\n")
-        self._file.flush()
+        """Append ``record`` for ``step``; a failed write (a full disk) raises :class:`OutputDirError`."""
+        try:
+            self._file.write(json.dumps({"step": step, **record}) + "\n")
+            self._file.flush()
+        except OSError as err:
+            raise OutputDirError(err.errno, f"metrics: writing step {step} to {self.path} failed "
+                                            f"({err.strerror or err})") from err  # fmt: skip
         if self._tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
