@@ -172,6 +172,7 @@ class SftRun:
     rank: int = 0
     world: int = 1
     guard: WeightGuard | None = None  # armed on the weights the run starts from
+    base_lrs: list[float] | None = None  # this run's learning rates (a resume restores the checkpoint's)
 
     def n_img(self, item) -> int:
         """Every image size is measured on the plain model (``ImageEncoder.count`` needs one)."""
@@ -221,6 +222,7 @@ def setup(args, device, precision, settings: dict) -> SftRun:
     # the loss as a module: FSDP2's root under torchrun (same seeded weights on every rank), a plain wrapper alone
     run.loss_module = shard_model(model, sft_loss, device) if world > 1 else LossModule(model, sft_loss)
     run.optimizer = torch.optim.AdamW(parameter_groups(model, args.lr_vision, args.lr_projector, args.lr_llm))
+    run.base_lrs = [group["lr"] for group in run.optimizer.param_groups]  # before the schedule scales them
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(
         run.optimizer, lambda s: cosine_with_warmup(s, args.steps, args.warmup))
     return run
@@ -230,7 +232,6 @@ def resume(run: SftRun, changes: list[str]) -> int:
     """Load the checkpoint under --resume (this run's learning rates, not the checkpoint's) and arm the weight
     guard on the weights the run starts from. Returns the first step to run (0-based)."""
     args, start_step = run.args, 0
-    base_lrs = [group["lr"] for group in run.optimizer.param_groups]  # this run's: a resume restores the checkpoint's
     if args.resume:
         loaded = load_checkpoint(args.output_dir / "checkpoint", run.loss_module, run.optimizer, run.scheduler)
         start_step = loaded["step"]
@@ -238,7 +239,7 @@ def resume(run: SftRun, changes: list[str]) -> int:
             print(f"resumed from {loaded['path']} at step {start_step}")
             for change in changes:
                 print(f"resume: changed setting {change} (--allow-changed-settings)")
-        apply_learning_rates(run.optimizer, run.scheduler, base_lrs)
+        apply_learning_rates(run.optimizer, run.scheduler, run.base_lrs)
         if start_step >= args.steps and run.rank == 0:
             print(f"the checkpoint is at the last step ({start_step} of --steps {args.steps}): nothing left to train")
     run.guard = WeightGuard(run.model.named_parameters(), "--lr-llm / --lr-projector / --lr-vision", run.world)
