@@ -4,12 +4,15 @@ as soon as it ends (CPU time: ``time.process_time``, every thread of the process
 
     python bench/generation_side_by_side.py loop     # engine alone vs the BPO step's configuration
     python bench/generation_side_by_side.py generate # engines vs model.generate, B = 8 / 32, N = 128
+    python bench/generation_side_by_side.py generate-eos  # the same at B = 32 with eos biased: rows finish
     python bench/generation_side_by_side.py profile  # cProfile of one shared-engine call (strict, 2 threads)
 
 ``loop``: 4 image prompts (~110 tokens, 64 image tokens, M-RoPE) x ``bpo_modes(4)`` = 32 rollouts, 128 new tokens,
 eos biased (+8: rollouts end after ~50 tokens, thinking rows not before 16 thought tokens under strict modes),
 ``noise_rows`` as the loop passes it; strict modes (min_think_tokens 16, no_reopen, strict_auto) on / off; 1 / 2
-torch threads. ``generate``: text prompts, no eos (every row decodes N tokens), strict off, 1 thread, temperature 1.
+torch threads. ``generate``: text prompts, no eos (every row decodes N tokens), strict off, 1 thread, temperature 1;
+``generate-eos``: the same with eos biased as in ``loop`` (rows finish after ~50 tokens: finished rows stay in
+``generate``'s batch, as in the reference engine, and leave the shared engine's).
 """
 
 import os
@@ -68,8 +71,8 @@ def loop(configs=None):
         print(row(what, engine, strict, threads, num_threads, 32, 128, tokens, cpu, wall), flush=True)
 
 
-def generate(shapes=((32, 128), (8, 128))):
-    model = G.qwen25_vl()
+def generate(shapes=((32, 128), (8, 128)), eos_bias=0.0):
+    model = G.qwen25_vl(eos_bias=eos_bias)
     torch.set_num_threads(1)
     print(HEADER, flush=True)
     for R, N in shapes:
@@ -78,7 +81,8 @@ def generate(shapes=((32, 128), (8, 128))):
             fn = (G.generate_call(model, ids, N) if engine == "generate"
                   else engine_call(model, ids, None, N, False, engine))
             tokens, cpu, wall = measure(fn)
-            print(row("vs generate", engine, False, 1, 1, R, N, tokens, cpu, wall), flush=True)
+            what = "vs generate" + (f", eos bias {eos_bias:g}" if eos_bias else "")
+            print(row(what, engine, False, 1, 1, R, N, tokens, cpu, wall), flush=True)
 
 
 def profile():
@@ -98,4 +102,5 @@ def profile():
 
 
 if __name__ == "__main__":
-    {"loop": loop, "generate": generate, "profile": profile}[sys.argv[1]]()
+    {"loop": loop, "generate": generate, "profile": profile,
+     "generate-eos": lambda: generate(((32, 128),), eos_bias=8.0)}[sys.argv[1]]()  # fmt: skip
