@@ -6,7 +6,7 @@ For BPO, every prompt gets ``g`` rollouts forced into thinking and ``g`` forced 
 (``bpo_modes(g)``); evaluation uses AUTO rows and a thinking budget. Prompts are left-padded; ``attention_mask`` and
 ``position_ids`` follow the padding, so a row's tokens do not depend on the other rows of the batch.
 
-Host syncs: one per step (``state.finished.all()``, to stop early); none inside sampling or mode control.
+Host syncs: one per step (the count of finished rows: stop early, or compact); none inside sampling or mode control.
 Text-only, or with precomputed prompt embeddings (``prompt_embeds``: e.g. text embeddings with image features
 merged in, LLaVA style) passed through as ``inputs_embeds`` on the first forward; the engine runs no vision encoder.
 A :class:`PromptInputs` may also carry per-prompt M-RoPE positions and DeepStack features; a Qwen-VL model runs as
