@@ -1,4 +1,5 @@
-"""Rollout vs trainer log-probs: the BPO loop logs their mismatch every step (our own engine's is ~1e-7 on CPU fp32),
+"""Rollout vs trainer log-probs: the BPO loop logs their mismatch every --mismatch-every steps (every step in these
+tests; our own engine's is ~1e-7 on CPU fp32),
 ``--rollout-is`` passes truncated importance weights to the loss, and those weights correct a perturbed rollout (an
 expected-value check over the whole vocabulary: the weighted gradient is the on-policy one)."""
 
