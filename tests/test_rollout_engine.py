@@ -1,5 +1,6 @@
-"""The shared-prefill, compacting rollout engine (``engine="shared"``, the default) against the reference engine
-(``engine="reference"``: one row per rollout from the prompt on, every row to the end), for the same seed: the same
+"""The shared-prefill, compacting rollout engine (``engine="shared"``, the default) and the static-shape one
+(``engine="static"``) against the reference engine (``engine="reference"``: one row per rollout from the prompt on,
+every row to the end), for the same seed: the same
 tokens, masks, states and steps, log-probs equal to float rounding. Every model family with images (LLaVA-OneVision,
 R-4B: 1-D RoPE; Qwen2.5-VL: M-RoPE; Qwen3-VL: M-RoPE + DeepStack), strict modes on (minimum thinking, no reopening,
 strict auto), sampled, with rows finishing at different steps so that compaction runs (at every finished row, at
@@ -70,6 +71,19 @@ def test_shared_engine_equals_reference_tiny_qwen3(model, compact_below, tempera
     new = generate_rollouts(model, PROMPTS, modes, eos_id=eos, compact_below=compact_below, **kw,
                             generator=torch.Generator().manual_seed(1))  # fmt: skip
     assert ref.finished.any() and not ref.finished.all(), "rows should finish at different steps"
+    assert_same_rollouts(new, ref)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_static_engine_equals_reference_tiny_qwen3(model, temperature):
+    """engine="static" (fixed-shape steps: static KV buffers and a 4-D mask, eager on CPU) samples what the
+    reference does."""
+    modes = [bpo_modes(3) + [Mode.AUTO], bpo_modes(2), [Mode.AUTO, Mode.THINK, Mode.NO_THINK]]
+    kw = dict(think_open_ids=OPEN, no_think_ids=NO_THINK, think_close_ids=CLOSE, pad_id=PAD, max_new_tokens=24,
+              temperature=temperature, top_p=0.95, auto_ids=[OPEN[0]], min_think_tokens=2, no_reopen=True,
+              strict_auto=True, budget=12, eos_id=5)  # fmt: skip
+    ref = generate_rollouts(model, PROMPTS, modes, **kw, engine="reference", generator=torch.Generator().manual_seed(1))
+    new = generate_rollouts(model, PROMPTS, modes, **kw, engine="static", generator=torch.Generator().manual_seed(1))
     assert_same_rollouts(new, ref)
 
 
@@ -170,8 +184,8 @@ def test_shared_engine_equals_reference_every_family(family_dir, dataset, name):
     eos = _eos_from(probe, special)  # rows finish at different steps: compaction runs
     ref = generate_rollouts(model, prompt_ids, modes, eos_id=eos, engine="reference", **kw,
                             generator=torch.Generator().manual_seed(0))  # fmt: skip
-    for compact_below in (1.0, 0.75):
-        new = generate_rollouts(model, prompt_ids, modes, eos_id=eos, compact_below=compact_below, **kw,
+    for extra in ({"compact_below": 1.0}, {"compact_below": 0.75}, {"engine": "static"}):
+        new = generate_rollouts(model, prompt_ids, modes, eos_id=eos, **extra, **kw,
                                 generator=torch.Generator().manual_seed(0))  # fmt: skip
         assert_same_rollouts(new, ref)
     assert ref.finished.any()

@@ -30,7 +30,7 @@ from r4b_fast.training.rollout_common import RolloutSpec
 from r4b_fast.training.rollout_common import cache_kwarg as _cache_kwarg  # noqa: F401  (imported by bench/tests)
 from r4b_fast.training.rollout_common import new_cache as _new_cache  # noqa: F401
 
-ENGINES = ("shared", "reference")
+ENGINES = ("shared", "reference", "static")
 
 
 @dataclasses.dataclass
@@ -170,8 +170,10 @@ def generate_rollouts(
             Its log-prob stays the full-vocabulary one, what the training forward computes.
         engine: ``"shared"`` (default): each prompt is prefilled once and its KV cache expanded to its rollouts;
             finished rows leave the batch; ``"reference"``: one row per rollout from the prompt on, every row to the
-            end (the oracle). Same tokens for the same seed (the shared engine hands every rollout the uniform the
-            reference's sampler draws for it), log-probs equal to float rounding.
+            end (the oracle); ``"static"``: prefilled once, then fixed-shape decoding steps (static KV buffers and
+            mask, no compaction) captured with ``torch.compile(mode="reduce-overhead")`` on CUDA (eager on CPU).
+            Same tokens for the same seed (every engine hands every rollout the uniform the reference's sampler
+            draws for it), log-probs equal to float rounding.
         compact_below: shared engine: the finished rows are compacted out of the batch (KV cache and per-row state
             indexed down) when the live rows fall below this fraction of the batch (1: at every finished row; 0:
             never).
@@ -264,6 +266,10 @@ def generate_rollouts(
             from r4b_fast.training.rollout_reference import generate_reference
 
             fields = generate_reference(model, spec)
+        elif engine == "static":
+            from r4b_fast.training.rollout_static import generate_static
+
+            fields = generate_static(model, spec)
         else:
             from r4b_fast.training.rollout_engine import generate_shared
 
