@@ -375,6 +375,7 @@ def _save_and_evaluate(run: SftRun, model, logger) -> None:
     if args.eval_items and args.dataset is not None:
         print("evaluation covers the embedded task only: skipped with --dataset (BPO evaluates held-out rows)")
     if args.eval_items and args.dataset is None:
+        print(f"evaluating {args.eval_items} held-out items", flush=True)
         with autocast(run.device, run.precision):
             metrics = evaluate_held_out(model, run.tokenizer, run.encoder, args.eval_items, seed=args.seed,
                                         min_think_tokens=args.min_think_tokens, no_reopen=args.no_reopen,
