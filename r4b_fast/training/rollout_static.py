@@ -89,6 +89,10 @@ def generate_static(model, spec: RolloutSpec, *, compile: bool | None = None) ->
         return out.logits[:, -1].float()
 
     if compile if compile is not None else device.type == "cuda":
+        for layer in cache.layers:  # fixed addresses, mutated in place (as transformers' StaticLayer)
+            for buf in (layer.keys, layer.values):
+                torch._dynamo.mark_static_address(buf)
+        torch._dynamo.mark_static_address(pos)
         step = torch.compile(step, mode="reduce-overhead")
     state = spec.new_state()
     auto_rows = spec.auto_rows()
