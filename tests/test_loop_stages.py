@@ -70,6 +70,7 @@ def test_thread_choice(monkeypatch):
     from r4b_fast.training import threads
 
     cpu = torch.device("cpu")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "available_cores", lambda: 8)
     assert threads.choose_threads("auto", 1_000_000, cpu)[0] == 1  # the tiny models: one thread
     assert threads.choose_threads(3, 1_000_000, cpu) == (3, "--threads")
@@ -77,6 +78,8 @@ def test_thread_choice(monkeypatch):
     assert threads.choose_threads("auto", 4_000_000_000, cpu)[0] == 5  # 8 cores, ~3 busy
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (30.0, 0.0, 0.0))
     assert threads.choose_threads("auto", 4_000_000_000, cpu)[0] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting: kept (torch read it at start)
+    assert threads.choose_threads("auto", 1_000_000, cpu) == (torch.get_num_threads(), "auto: OMP_NUM_THREADS=3")
 
 
 def test_progress_lines_estimate_then_every_interval(monkeypatch):
@@ -97,7 +100,7 @@ def test_progress_lines_estimate_then_every_interval(monkeypatch):
 
 def test_progress_reaches_a_pipe_while_the_run_goes_on(tmp_path, tiny_policy_dir):
     """stdout not a terminal (CI): the estimate and progress lines are there, the tqdm bar is not."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # auto's own choice
     proc = subprocess.run([sys.executable, "-m", "r4b_fast.training.bpo", "--model", str(tiny_policy_dir),
                            "--steps", "3", "--prompts", "1", "--g", "1", "--max-new-tokens", "4", "--eval-items", "0",
                            "--progress-every", "1e-9", "--output-dir", str(tmp_path / "run")],

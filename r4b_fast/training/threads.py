@@ -24,9 +24,9 @@ SMALL_MODEL_PARAMS = 50_000_000  # below this, one thread: the per-op parallel o
 def add_thread_arguments(parser: argparse.ArgumentParser) -> None:
     """``--threads`` and ``--progress-every``, shared by both loops (neither changes a step's math)."""
     parser.add_argument("--threads", default="auto",
-                        help="CPU threads for torch (a positive integer, or auto: 1 for models under 50M "
-                             "parameters, else the cores that the load average leaves free); does not apply to the "
-                             "GPU's work")  # fmt: skip
+                        help="CPU threads for torch (a positive integer, or auto: OMP_NUM_THREADS when set, else 1 "
+                             "for models under 50M parameters, else the cores that the load average leaves free); "
+                             "does not apply to the GPU's work")  # fmt: skip
     parser.add_argument("--progress-every", type=float, default=30.0,
                         help="seconds between the plain progress lines (step, elapsed, time left); 0: none")
 
@@ -52,11 +52,15 @@ def available_cores() -> int:
 
 
 def choose_threads(requested, n_params: int, device: torch.device) -> tuple[int, str]:
-    """The thread count for ``--threads requested`` and why. Example: ``choose_threads("auto", 5e6, cpu)`` ->
+    """The thread count for ``--threads requested`` and why (``auto`` keeps an ``OMP_NUM_THREADS`` the user set).
+    Example: ``choose_threads("auto", 5e6, cpu)`` ->
     ``(1, "auto: a small model (5.0M parameters)")``."""
     cores = available_cores()
     if requested != "auto":
         return int(requested), "--threads"
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:  # the user's own setting wins over the guess
+        return torch.get_num_threads(), f"auto: OMP_NUM_THREADS={env}"
     if device.type != "cpu":
         return torch.get_num_threads(), "auto: the GPU computes, torch's default for the CPU side"
     if n_params < SMALL_MODEL_PARAMS:
