@@ -16,6 +16,9 @@ of work once.
    (``engine="reference"``) for the same seed, and the log-probs to float rounding (the GEMMs see fewer rows).
 
 Host syncs: one per step (the number of finished rows: stop, or compact), as before.
+
+:func:`growing_cache` (KV cache layers appending in place into buffers with room for the decoded tokens) is the
+static engine's (:mod:`r4b_fast.training.rollout_static`) starting point.
 """
 
 from __future__ import annotations
@@ -122,7 +125,9 @@ def generate_shared(model, spec: RolloutSpec, *, compact_below: float = 0.75) ->
     """Decode every rollout of ``spec``, prefilling each prompt once and dropping finished rows; returns the
     fields of ``RolloutResult`` (rows in rollout order)."""
     device, R, N = spec.device, spec.rows, spec.max_new_tokens
-    cache = growing_cache(model, headroom=N)
+    # transformers' DynamicCache: its per-step concatenation measured no slower on CPU than in-place buffers
+    # (growing_cache: -3% to +7% CPU time at B = 32 / 8), which only the static engine needs
+    cache = new_cache(model)
     ckw = cache_kwarg(model)
     members = sorted(set(spec.row_prompt))
     logits, attn, next_pos = prefill(model, spec, members, cache)
