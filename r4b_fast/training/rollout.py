@@ -199,44 +199,13 @@ def generate_rollouts(
         >>> out.completions.shape, out.completions[1, :4].tolist()
         (torch.Size([4, 6]), [60, 62, 63, 62])
     """
-    if engine not in ENGINES:
-        raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
-    if isinstance(compact_below, bool) or not isinstance(compact_below, (int, float)) or not 0 <= compact_below <= 1:
-        raise ValueError(f"compact_below: expected a fraction in [0, 1], got {compact_below!r}")
-    bad_threads = isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
-    if num_threads is not None and bad_threads:
-        raise ValueError(f"num_threads: expected a positive int or None, got {num_threads!r}")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
-    if len(prompts) == 0:
-        raise ValueError("prompts: empty")
-    if len(modes) != len(prompts):
-        raise ValueError(f"modes: {len(modes)} entries for {len(prompts)} prompts; give a list of modes per prompt")
-    prompt_lists = []
-    for i, p in enumerate(prompts):
-        ids = p.tolist() if isinstance(p, torch.Tensor) else list(p)
-        if len(ids) == 0:
-            raise ValueError(f"prompts: prompt {i} is empty")
-        prompt_lists.append([int(t) for t in ids])
-    if noise_rows is not None and (generator is None or len(noise_rows) != 2):
-        raise ValueError("noise_rows: expected (offset, total) together with a generator")
-    if prompt_embeds is not None and len(prompt_embeds) != len(prompts):
-        raise ValueError(f"prompt_embeds: {len(prompt_embeds)} entries for {len(prompts)} prompts")
+    _check_options(engine, compact_below, num_threads, max_new_tokens, noise_rows, generator)
+    prompt_lists = _prompt_lists(prompts, modes, prompt_embeds)
     model = _generation_model(model)
     if think_end_id is None:
         think_end_id = _think_end_default(list(think_open_ids), list(no_think_ids), list(think_close_ids))
     device = next(model.parameters()).device
-    row_prompt, row_mode = [], []
-    for p, ms in enumerate(modes):
-        ms = list(ms)
-        if not ms:
-            raise ValueError(f"modes: prompt {p} has no rollouts")
-        row_prompt += [p] * len(ms)
-        row_mode += [int(m) for m in ms]
-    R = len(row_prompt)
-    if noise_rows is not None and not (0 <= noise_rows[0] and noise_rows[0] + R <= noise_rows[1]):
-        raise ValueError(f"noise_rows: rows [{noise_rows[0]}, {noise_rows[0] + R}) do not fit a batch of "
-                         f"{noise_rows[1]}")  # fmt: skip
+    row_prompt, row_mode = _rows(modes, noise_rows)
     spec = RolloutSpec(
         prompts=prompt_lists, row_prompt=row_prompt, row_mode=row_mode, device=device, max_new_tokens=max_new_tokens,
         pad_id=pad_id, generator=generator, noise_rows=None if noise_rows is None else tuple(noise_rows),
@@ -251,30 +220,85 @@ def generate_rollouts(
     )  # fmt: skip
     spec.new_state()  # validates the mode arguments before any forward
     if strict_auto and Mode.AUTO in row_mode:
-        from r4b_fast.training.mode_decision import DecisionTokens
+        spec.decision_ids = _decision_ids(think_open_ids, no_think_ids, auto_ids, device)
+    fields = _run_engine(model, spec, engine, float(compact_below), num_threads)
+    return RolloutResult(prompt_index=torch.tensor(row_prompt, device=device),
+                         lengths=fields["completion_mask"].sum(1), **fields)  # fmt: skip
 
-        d = DecisionTokens.from_prefixes(list(think_open_ids), list(no_think_ids))
-        if list(auto_ids) != list(think_open_ids[: d.position]):
-            raise ValueError(f"strict_auto: auto_ids {list(auto_ids)} must be the prefixes' common part "
-                             f"{list(think_open_ids[: d.position])}")  # fmt: skip
-        spec.decision_ids = torch.tensor([d.think, d.no_think], device=device)
+
+def _check_options(engine, compact_below, num_threads, max_new_tokens, noise_rows, generator) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
+    if isinstance(compact_below, bool) or not isinstance(compact_below, (int, float)) or not 0 <= compact_below <= 1:
+        raise ValueError(f"compact_below: expected a fraction in [0, 1], got {compact_below!r}")
+    bad_threads = isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
+    if num_threads is not None and bad_threads:
+        raise ValueError(f"num_threads: expected a positive int or None, got {num_threads!r}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+    if noise_rows is not None and (generator is None or len(noise_rows) != 2):
+        raise ValueError("noise_rows: expected (offset, total) together with a generator")
+
+
+def _prompt_lists(prompts, modes, prompt_embeds) -> list[list[int]]:
+    if len(prompts) == 0:
+        raise ValueError("prompts: empty")
+    if len(modes) != len(prompts):
+        raise ValueError(f"modes: {len(modes)} entries for {len(prompts)} prompts; give a list of modes per prompt")
+    prompt_lists = []
+    for i, p in enumerate(prompts):
+        ids = p.tolist() if isinstance(p, torch.Tensor) else list(p)
+        if len(ids) == 0:
+            raise ValueError(f"prompts: prompt {i} is empty")
+        prompt_lists.append([int(t) for t in ids])
+    if prompt_embeds is not None and len(prompt_embeds) != len(prompts):
+        raise ValueError(f"prompt_embeds: {len(prompt_embeds)} entries for {len(prompts)} prompts")
+    return prompt_lists
+
+
+def _rows(modes, noise_rows) -> tuple[list[int], list[int]]:
+    """Each rollout's prompt and mode, in order."""
+    row_prompt, row_mode = [], []
+    for p, ms in enumerate(modes):
+        ms = list(ms)
+        if not ms:
+            raise ValueError(f"modes: prompt {p} has no rollouts")
+        row_prompt += [p] * len(ms)
+        row_mode += [int(m) for m in ms]
+    R = len(row_prompt)
+    if noise_rows is not None and not (0 <= noise_rows[0] and noise_rows[0] + R <= noise_rows[1]):
+        raise ValueError(f"noise_rows: rows [{noise_rows[0]}, {noise_rows[0] + R}) do not fit a batch of "
+                         f"{noise_rows[1]}")  # fmt: skip
+    return row_prompt, row_mode
+
+
+def _decision_ids(think_open_ids, no_think_ids, auto_ids, device) -> torch.Tensor:
+    """strict_auto: the two tokens where the thinking and non-thinking prefixes part."""
+    from r4b_fast.training.mode_decision import DecisionTokens
+
+    d = DecisionTokens.from_prefixes(list(think_open_ids), list(no_think_ids))
+    if list(auto_ids) != list(think_open_ids[: d.position]):
+        raise ValueError(f"strict_auto: auto_ids {list(auto_ids)} must be the prefixes' common part "
+                         f"{list(think_open_ids[: d.position])}")  # fmt: skip
+    return torch.tensor([d.think, d.no_think], device=device)
+
+
+def _run_engine(model, spec: RolloutSpec, engine: str, compact_below: float, num_threads: int | None) -> dict:
+    """The chosen engine under ``num_threads`` CPU threads (torch's setting restored after)."""
     threads = torch.get_num_threads()
-    if num_threads is not None and device.type == "cpu":
+    if num_threads is not None and spec.device.type == "cpu":
         torch.set_num_threads(num_threads)
     try:
         if engine == "reference":
             from r4b_fast.training.rollout_reference import generate_reference
 
-            fields = generate_reference(model, spec)
-        elif engine == "static":
+            return generate_reference(model, spec)
+        if engine == "static":
             from r4b_fast.training.rollout_static import generate_static
 
-            fields = generate_static(model, spec)
-        else:
-            from r4b_fast.training.rollout_engine import generate_shared
+            return generate_static(model, spec)
+        from r4b_fast.training.rollout_engine import generate_shared
 
-            fields = generate_shared(model, spec, compact_below=float(compact_below))
+        return generate_shared(model, spec, compact_below=compact_below)
     finally:
         torch.set_num_threads(threads)
-    return RolloutResult(prompt_index=torch.tensor(row_prompt, device=device),
-                         lengths=fields["completion_mask"].sum(1), **fields)  # fmt: skip

@@ -66,34 +66,11 @@ def generate_static(model, spec: RolloutSpec, *, compile: bool | None = None) ->
     L = attn.shape[1]
     cap = L + N
     pos = torch.tensor(L, device=device)  # the cache position the next step writes
-    layer_cls = _static_layer_class()
-    for i, layer in enumerate(cache.layers):
-        if not hasattr(layer, "_kbuf"):
-            raise ValueError(f"engine='static': cache layer {i} ({type(layer).__name__}) is not a full-attention "
-                             f"layer; use engine='shared'")  # fmt: skip
-        k, v = layer._kbuf, layer._vbuf
-        if k.shape[-2] < cap:  # the prefill's buffers have room for N positions: always cap here
-            k = torch.cat([k, k.new_zeros(*k.shape[:2], cap - k.shape[-2], k.shape[-1])], 2)
-            v = torch.cat([v, v.new_zeros(*v.shape[:2], cap - v.shape[-2], v.shape[-1])], 2)
-        k, v = k[:, :, :cap], v[:, :, :cap]
-        k[:, :, L:].zero_()  # never garbage under the mask: 0 * NaN would still be NaN
-        v[:, :, L:].zero_()
-        cache.layers[i] = layer_cls(k, v, pos)
+    _make_static(cache, L, cap, pos)
     mask = torch.zeros(R, 1, 1, cap, dtype=torch.bool, device=device)
     mask[:, 0, 0, :L] = attn.bool()
     position = next_pos.clone()
-
-    def step(tokens, position, mask):
-        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position[..., None], use_cache=True,
-                    **{ckw: cache})  # fmt: skip
-        return out.logits[:, -1].float()
-
-    if compile if compile is not None else device.type == "cuda":
-        for layer in cache.layers:  # fixed addresses, mutated in place (as transformers' StaticLayer)
-            for buf in (layer.keys, layer.values):
-                torch._dynamo.mark_static_address(buf)
-        torch._dynamo.mark_static_address(pos)
-        step = torch.compile(step, mode="reduce-overhead")
+    step = _decode_step(model, cache, ckw, pos, compile if compile is not None else device.type == "cuda")
     state = spec.new_state()
     auto_rows = spec.auto_rows()
     completions = torch.full((R, N), spec.pad_id, dtype=torch.int64, device=device)
@@ -119,3 +96,37 @@ def generate_static(model, spec: RolloutSpec, *, compile: bool | None = None) ->
     return dict(completions=completions, completion_mask=cmask, forced_mask=fmask, logprobs=logprobs,
                 modes=state.mode.clone(), think_opened=state.opened.clone(), think_closed=state.closed.clone(),
                 finished=state.finished.clone(), steps=steps)  # fmt: skip
+
+
+def _make_static(cache, L: int, cap: int, pos: torch.Tensor) -> None:
+    """Replace each layer of the prefilled cache by a static layer over buffers of ``cap`` positions."""
+    layer_cls = _static_layer_class()
+    for i, layer in enumerate(cache.layers):
+        if not hasattr(layer, "_kbuf"):
+            raise ValueError(f"engine='static': cache layer {i} ({type(layer).__name__}) is not a full-attention "
+                             f"layer; use engine='shared'")  # fmt: skip
+        k, v = layer._kbuf, layer._vbuf
+        if k.shape[-2] < cap:  # the prefill's buffers have room for N positions: always cap here
+            k = torch.cat([k, k.new_zeros(*k.shape[:2], cap - k.shape[-2], k.shape[-1])], 2)
+            v = torch.cat([v, v.new_zeros(*v.shape[:2], cap - v.shape[-2], v.shape[-1])], 2)
+        k, v = k[:, :, :cap], v[:, :, :cap]
+        k[:, :, L:].zero_()  # never garbage under the mask: 0 * NaN would still be NaN
+        v[:, :, L:].zero_()
+        cache.layers[i] = layer_cls(k, v, pos)
+
+
+def _decode_step(model, cache, ckw: str, pos: torch.Tensor, compile: bool):
+    """One fixed-shape decoding step; compiled with CUDA graphs when ``compile``."""
+
+    def step(tokens, position, mask):
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position[..., None], use_cache=True,
+                    **{ckw: cache})  # fmt: skip
+        return out.logits[:, -1].float()
+
+    if not compile:
+        return step
+    for layer in cache.layers:  # fixed addresses, mutated in place (as transformers' StaticLayer)
+        for buf in (layer.keys, layer.values):
+            torch._dynamo.mark_static_address(buf)
+    torch._dynamo.mark_static_address(pos)
+    return torch.compile(step, mode="reduce-overhead")
