@@ -32,11 +32,11 @@ def main(argv: list[str]) -> None:
         print("\n".join(f"{k}=={v}" for k, v in sorted(merged.items())))
         return
     tested = pins(argv[0])
-    skip = {"r4b-fast", "torch", "pip", "setuptools", "wheel"}  # torch is pinned in the command itself
+    skip = {"r4b-fast", "torch", "triton", "verl", "pip", "setuptools", "wheel"}  # pinned by the command or by torch
     diffs = []
     for dist in importlib.metadata.distributions():
         name = _name(dist.metadata["Name"])
-        if name not in skip and tested.get(name) != dist.version:
+        if name not in skip and not name.startswith("nvidia-") and tested.get(name) != dist.version:
             diffs.append(f"{name} {tested.get(name, 'unpinned')}->{dist.version}")
     print(" ".join(sorted(diffs)))
 
