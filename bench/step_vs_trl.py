@@ -93,6 +93,7 @@ class CpuClock:
                 if not self.steps:
                     self.steps.append({})
                 self.steps[-1][phase] = self.steps[-1].get(phase, 0.0) + time.process_time() - t0
+                self.steps[-1][f"peak_gib_after_{name}"] = _peak_gib()  # where the process's peak RSS is set
 
         setattr(obj, name, timed)
 
