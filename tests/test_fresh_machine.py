@@ -65,14 +65,27 @@ def test_the_pypi_kernels_package_is_the_one_imported_from_the_root():
     proc = _run_from_root("-c", "import kernels, transformers.activations; print(kernels.__file__)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     origin = Path(proc.stdout.strip()).resolve()
-    assert ROOT not in origin.parents, f"'import kernels' found the repository's {origin}, not the installed package"
+    assert origin != ROOT / "kernels" / "__init__.py", f"'import kernels' found the repository's {origin}"
+    assert "site-packages" in origin.parts, f"'import kernels' found {origin}, not the installed package"
 
 
-def test_no_root_name_is_provided_by_an_installed_distribution():
+def test_no_root_name_shadows_a_package_an_installed_distribution_provides():
+    """A root name that an installed distribution also provides (verl's wheel ships a top-level ``tests`` package)
+    must resolve, from the root, to the installed package: our folder may only be a namespace portion, which loses to
+    a regular package anywhere on the path."""
     provided = importlib.metadata.packages_distributions()
-    clashes = {name: provided[name] for name in _root_import_names()
-               if name in provided and set(provided[name]) != {OWN_DISTRIBUTION}}  # fmt: skip
-    assert not clashes, f"repository root names shadow installed packages when run from the root: {clashes}"
+    clashes = sorted(name for name in _root_import_names()
+                     if name in provided and set(provided[name]) != {OWN_DISTRIBUTION})  # fmt: skip
+    code = ("import importlib.util, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    spec = importlib.util.find_spec(name)\n"
+            "    print(name, spec.origin)\n")  # fmt: skip
+    proc = _run_from_root("-c", code, *clashes)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in proc.stdout.splitlines():
+        name, origin = line.split(" ", 1)
+        assert origin != "None" and not Path(origin).resolve().is_relative_to(ROOT / name), \
+            f"'import {name}' from the root finds the repository's {name}/ ({origin}), not {provided[name]}'s"
 
 
 def test_no_root_folder_but_the_package_is_a_regular_package():
