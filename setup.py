@@ -16,9 +16,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["r4b_fast", "r4b_fast.*"]),
     package_data={"r4b_fast.csrc": ["*.cu", "*.cuh"], "r4b_fast.training": ["assets/annealed/*", "assets/*.md"]},
-    # Lower bounds are versions CI tests (.ci/gpu-set.txt: transformers 5.17, triton 3.6, datasets 4.7; torch 2.13, the
-    # oldest CPU wheel here). torch is pinned only in the README's command (the CPU wheel from local disk), so GPU users
-    # keep the CUDA build they have. The README installs the exact tested set with -c constraints.txt.
+    # Lower bounds are versions CI tests (.ci/gpu-set.txt: transformers 5.17, datasets 4.7; triton 3.6 by the compile
+    # check; torch 2.13, the oldest CPU wheel here). torch is pinned only in the README's command (the CPU wheel), so
+    # GPU users keep the CUDA build they have. The README installs the exact tested set with -c constraints.txt.
     install_requires=[
         "torch>=2.13", "triton>=3.6", "transformers>=5.17", "datasets>=4.7", "filelock", "numpy", "safetensors", "tqdm",
         "matplotlib", "tensorboard", "pillow",
