@@ -7,34 +7,20 @@ strict auto), sampled, with rows finishing at different steps so that compaction
 the default threshold, never)."""
 
 import pytest
+import test_rollout
 import torch
 from conftest import with_logit_bias
 from test_models import FAMILY_PARAMS, _load, _rows, dataset, family_dir  # noqa: F401  (module fixtures)
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from r4b_fast import Mode
 from r4b_fast.training.rollout import bpo_modes, generate_rollouts
 
-V = 128
+V = test_rollout.V
+model, one_thread = test_rollout.model, test_rollout.one_thread  # the same tiny Qwen3; one thread
+
 OPEN, NO_THINK, CLOSE = [120, 121], [120, 122, 123, 122], [121, 123, 122]
 PAD = 127
 PROMPTS = [[5, 17, 33, 2, 9], [44, 3, 8, 91, 12, 6, 70, 31, 1], [100, 64, 7]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=8, max_position_embeddings=128)  # fmt: skip
-    return Qwen3ForCausalLM(cfg).eval()
 
 
 def assert_same_rollouts(a, b, atol=1e-5):
