@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_faults_training import _tiny_training  # the same tiny model, AdamW and scheduler
 
 HOOKS = ("_write_file", "_fsync", "_fsync_dir", "_rename", "_remove_tree")
 TORCH_ZIP_ERROR = ("[enforce fail at inline_container.cc:626] . unexpected pos 4224 vs 4160\n"
@@ -28,19 +29,6 @@ def _failure(kind: str) -> BaseException:
 
 
 CAUSES = {"ENOSPC": "No space left on device", "EIO": "Input/output error", "torch": "enforce fail at inline_container"}
-
-
-def _tiny_training(seed=0):
-    from r4b_fast.training.common import LossModule
-
-    torch.manual_seed(seed)
-    net = torch.nn.Linear(4, 3)
-    module = LossModule(net, lambda m, x: m(x).square().mean())
-    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    module(torch.ones(2, 4)).backward()
-    opt.step()
-    return net, module, opt, sched
 
 
 def _fail_at(common, monkeypatch, kill_at: int, kind: str, log: list) -> None:
